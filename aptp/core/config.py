@@ -1,0 +1,254 @@
+"""Experiment configs: YAML files of registered component names plus parameters.
+
+An experiment composes one preset per *slot* from ``configs/<kind>/<preset>.yaml`` through a
+``defaults`` list, then overrides values::
+
+    # configs/experiment/demo.yaml
+    defaults:
+      - backbone: tiny
+      - granularity: both        # a list of granularities
+      - router: ot
+    name: demo
+    router:
+      num_experts: 4
+
+Command-line overrides are ``slot=preset`` (choose another preset: ``router=kmeans``) or
+``dotted.key=value`` (``router.num_experts=8``). Every component section is validated against the
+registered component's config dataclass; there are no import paths, so a config cannot run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+
+from aptp.core.errors import ConfigError, did_you_mean
+from aptp.core.registry import ComponentSpec, Registry
+
+#: slot in an experiment -> (component kind, whether the slot holds a list of components)
+SLOTS: dict[str, tuple[str, bool]] = {
+    "backbone": ("backbone", False),
+    "granularity": ("granularity", True),
+    "encoder": ("encoder", False),
+    "balancer": ("balancer", False),
+    "router": ("router", False),
+    "assignment": ("assignment", False),
+    "pruner": ("pruner", False),
+    "metrics": ("metric", True),
+}
+CONFIG_PATH_ENV = "APTP_CONFIG_PATH"
+
+
+@dataclass
+class ExperimentSettings:
+    """Top-level keys of an experiment besides the component slots."""
+
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = "runs/${name}"
+    device: str = "cpu"
+
+
+def config_search_path(extra: Sequence[str | Path] = ()) -> list[Path]:
+    """Folders searched for ``<kind>/<preset>.yaml``, first match wins: ``extra``, the folders in
+    ``$APTP_CONFIG_PATH`` (``os.pathsep``-separated), ``./configs``, then aptp's own presets."""
+    paths = [Path(p) for p in extra]
+    paths += [Path(p) for p in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if p]
+    paths.append(Path.cwd() / "configs")
+    paths.append(Path(__file__).resolve().parents[2] / "configs")
+    seen, out = set(), []
+    for p in paths:
+        rp = p.resolve()
+        if rp not in seen and rp.is_dir():
+            seen.add(rp)
+            out.append(rp)
+    return out
+
+
+def list_presets(kind_dir: str, search_path: Sequence[Path]) -> list[str]:
+    names = set()
+    for root in search_path:
+        names.update(p.stem for p in (root / kind_dir).glob("*.yaml"))
+    return sorted(names)
+
+
+def find_preset(kind_dir: str, preset: str, search_path: Sequence[Path]) -> Path:
+    for root in search_path:
+        path = root / kind_dir / f"{preset}.yaml"
+        if path.is_file():
+            return path
+    known = list_presets(kind_dir, search_path)
+    raise ConfigError(
+        f"no preset '{preset}' for '{kind_dir}'.{did_you_mean(preset, known)} "
+        f"Known presets: {', '.join(known) or 'none'} (searched {', '.join(map(str, search_path))})."
+    )
+
+
+def _load_yaml(path: Path) -> DictConfig | ListConfig:
+    try:
+        return OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist.") from None
+    except Exception as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+
+
+def _parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    choices, values = {}, []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. router=kmeans, router.num_experts=4).")
+        key, value = item.split("=", 1)
+        if key in SLOTS and not value.startswith(("{", "[")):
+            choices[key] = value
+        else:
+            values.append(item)
+    return choices, values
+
+
+def load_experiment(
+    experiment: str | Path,
+    overrides: Sequence[str] = (),
+    registry: Registry | None = None,
+    search_path: Sequence[str | Path] = (),
+) -> DictConfig:
+    """Compose, override and validate an experiment; return the resolved config.
+
+    ``experiment`` is a YAML path or the name of a file under ``configs/experiment/``.
+    """
+    paths = config_search_path(search_path)
+    path = Path(experiment)
+    if not path.suffix:
+        path = find_preset("experiment", str(experiment), paths)
+    raw = _load_yaml(path)
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"experiment {path} must be a mapping, got a {type(raw).__name__}.")
+    return compose(raw, overrides, registry, paths, source=str(path))
+
+
+def compose(
+    raw: DictConfig | dict,
+    overrides: Sequence[str] = (),
+    registry: Registry | None = None,
+    search_path: Sequence[Path] | None = None,
+    source: str = "<config>",
+) -> DictConfig:
+    """Resolve a ``defaults`` list, apply overrides and validate (see :func:`load_experiment`)."""
+    from aptp.core.plugins import default_registry
+
+    registry = registry or default_registry()
+    paths = config_search_path() if search_path is None else list(search_path)
+    raw = OmegaConf.create(raw) if not isinstance(raw, DictConfig) else raw.copy()
+    choices, values = _parse_overrides(overrides)
+
+    defaults = raw.pop("defaults", []) or []
+    selected: dict[str, str] = {}
+    for entry in defaults:
+        if not isinstance(entry, DictConfig) or len(entry) != 1:
+            raise ConfigError(f"{source}: each defaults entry must be 'slot: preset', got {entry!r}.")
+        (slot, preset), = entry.items()
+        _check_slot(slot, source)
+        selected[str(slot)] = str(preset)
+    for slot, preset in choices.items():
+        selected[slot] = preset
+
+    composed = OmegaConf.create({})
+    for slot, preset in selected.items():
+        composed[slot] = _load_yaml(find_preset(SLOTS[slot][0], preset, paths))
+    try:
+        composed = OmegaConf.merge(composed, raw)
+        if values:
+            composed = OmegaConf.merge(composed, OmegaConf.from_dotlist(values))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: cannot apply overrides {list(values)}: {exc}") from None
+    return validate(composed, registry, source)
+
+
+def _check_slot(slot: Any, source: str) -> None:
+    if slot not in SLOTS:
+        raise ConfigError(
+            f"{source}: unknown slot '{slot}'.{did_you_mean(str(slot), SLOTS)} Slots: {', '.join(SLOTS)}."
+        )
+
+
+def validate(cfg: DictConfig, registry: Registry, source: str = "<config>") -> DictConfig:
+    """Check every key and value; return a new config with each component's defaults filled in."""
+    settings_keys = {f.name for f in dataclasses.fields(ExperimentSettings)}
+    for key in cfg:
+        if key not in SLOTS and key not in settings_keys:
+            known = sorted(set(SLOTS) | settings_keys)
+            raise ConfigError(f"{source}: unknown key '{key}'.{did_you_mean(str(key), known)} Known keys: {', '.join(known)}.")
+    settings = {k: cfg[k] for k in settings_keys if k in cfg}
+    out: dict[str, Any] = _to_plain(ExperimentSettings, settings, "experiment settings", source)
+    for slot, (kind, many) in SLOTS.items():
+        if slot not in cfg or cfg[slot] is None:
+            continue
+        node = cfg[slot]
+        if many:
+            items = list(node) if isinstance(node, ListConfig) else [node]
+            out[slot] = [_validate_component(registry, kind, it, f"{slot}[{i}]", source) for i, it in enumerate(items)]
+        else:
+            out[slot] = _validate_component(registry, kind, node, slot, source)
+    resolved = OmegaConf.create(out)
+    try:
+        OmegaConf.resolve(resolved)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: cannot resolve interpolations: {exc}") from None
+    return resolved
+
+
+def _validate_component(registry: Registry, kind: str, node: Any, where: str, source: str) -> dict[str, Any]:
+    if not isinstance(node, DictConfig) or "name" not in node:
+        raise ConfigError(f"{source}: '{where}' must be a mapping with a 'name' (a registered {kind}), got {node!r}.")
+    params = OmegaConf.to_container(node, resolve=False)
+    name = params.pop("name")
+    spec = registry[kind].get(str(name))
+    plain = _to_plain(spec.config_class, params, f"{kind} '{name}'", f"{source}: {where}")
+    return {"name": str(name), **plain}
+
+
+def _to_plain(config_class: type, params: dict, what: str, where: str) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    for key in params:
+        if key not in fields:
+            raise ConfigError(
+                f"{where}: {what} has no parameter '{key}'.{did_you_mean(str(key), fields)} "
+                f"Its parameters: {', '.join(sorted(fields)) or 'none'}."
+            )
+    try:
+        structured = OmegaConf.merge(OmegaConf.structured(config_class), params)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        msg = getattr(exc, "msg", None) or str(exc)
+        raise ConfigError(f"{where}: bad value for {what}{f' key {key!r}' if key else ''}: {msg}") from None
+    try:  # run the dataclass's own checks (__post_init__) now, not at build time
+        OmegaConf.to_object(structured)
+    except InterpolationResolutionError:
+        pass  # refers to keys outside this section; checked again when the component is built
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: bad value for {what}: {exc}") from None
+    return OmegaConf.to_container(structured, resolve=False)
+
+
+def instantiate_config(spec: ComponentSpec, section: dict[str, Any] | DictConfig) -> Any:
+    """The config dataclass of ``spec`` from a validated section (its ``name`` key is ignored)."""
+    params = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+    params.pop("name", None)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec.config_class), params))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{spec.kind} '{spec.name}': {exc}") from None
+    except (ValueError, TypeError) as exc:  # raised by a config's __post_init__ checks
+        raise ConfigError(f"{spec.kind} '{spec.name}': {exc}") from None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain data (what a saved component stores)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)

@@ -1,0 +1,51 @@
+"""Exceptions raised by aptp. Every message says what was wrong, with the value, and what to do."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class AptpError(Exception):
+    """Base class of every error aptp raises on purpose."""
+
+
+class ConfigError(AptpError, ValueError):
+    """A configuration value, key or file is wrong."""
+
+
+class UnknownComponentError(AptpError, KeyError):
+    """A component name is not registered for its kind."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateComponentError(AptpError):
+    """Two providers registered the same name for the same kind."""
+
+
+class PluginError(AptpError):
+    """A plugin could not be loaded or implements a hook that does not exist."""
+
+
+class ShapeError(AptpError, ValueError):
+    """A tensor has the wrong shape or dtype."""
+
+
+class IncompatibleError(AptpError, ValueError):
+    """Two saved artefacts do not belong together (e.g. a router saved for another unit space)."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """A ' Did you mean 'x'?' suffix when a close match exists, else ''."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def check_shape(name: str, tensor, shape: tuple) -> None:
+    """Raise ShapeError unless ``tensor.shape`` matches ``shape`` (``None`` entries match anything)."""
+    actual = tuple(tensor.shape)
+    if len(actual) != len(shape) or any(e is not None and e != a for e, a in zip(shape, actual)):
+        want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+        raise ShapeError(f"{name} must have shape {want}, got {actual}.")

@@ -1,0 +1,228 @@
+"""The abstract interfaces every component implements, and the small types they exchange.
+
+A component is a class with a ``config_class`` (a dataclass: the component's parameters) whose
+constructor takes one instance of it. Components are registered by name through the hooks in
+:mod:`aptp.core.hookspecs` and named in YAML configs.
+
+The flow of one prompt::
+
+    prompt --PromptEncoder--> z (B, D) --Router--> expert id (B,)
+           --Assignment--> architecture (K, U) --Granularity--> gates (training) | cut (expert)
+           --Backbone--> denoiser + scheduler + text encoder (+ VAE) --> image
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from aptp.core.units import UnitGroup, UnitSpace
+
+if TYPE_CHECKING:
+    from aptp.core.build import Composition
+
+
+@dataclass
+class NoConfig:
+    """Config of a component without parameters."""
+
+
+class Component:
+    """Base of every component: holds its config dataclass as ``self.config``."""
+
+    config_class: ClassVar[type] = NoConfig
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__()  # cooperative: lets nn.Module initialise in subclasses that mix it in
+        self.config = config if config is not None else self.config_class()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that, with the config, restore this component (saved as safetensors)."""
+        return dict(self.state_dict()) if isinstance(self, nn.Module) else {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_tensors`. Override when shapes depend on fitted data."""
+        if isinstance(self, nn.Module):
+            self.load_state_dict(tensors)
+        elif tensors:
+            raise ValueError(f"{type(self).__name__} stores no tensors, got {sorted(tensors)}.")
+
+
+# --------------------------------------------------------------------------------------- backbone
+@dataclass(frozen=True)
+class Conditioning:
+    """Shapes a denoiser is called with."""
+
+    sample_shape: tuple[int, int, int]  # (C, H, W) of the denoiser's input (latent or pixels)
+    text_len: int  # L, number of text tokens cross-attended to
+    text_dim: int  # D_text, width of the text encoder's hidden states
+
+
+@dataclass
+class BackboneModules:
+    """The loaded parts of a text-to-image model."""
+
+    denoiser: nn.Module
+    scheduler: Any  # a diffusers scheduler
+    text_encoder: nn.Module | None = None
+    tokenizer: Any = None
+    vae: nn.Module | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backbone(Component, abc.ABC):
+    """Adapter over a diffusers text-to-image model (denoiser, text encoder, scheduler, VAE)."""
+
+    @abc.abstractmethod
+    def conditioning(self) -> Conditioning:
+        """Input shapes of the denoiser at the configured resolution."""
+
+    @abc.abstractmethod
+    def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BackboneModules:
+        """Load (pretrained weights) or build (random weights, from a config) every part."""
+
+    @abc.abstractmethod
+    def build_denoiser(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The denoiser alone (``device='meta'`` builds shapes only, without memory)."""
+
+    @abc.abstractmethod
+    def denoise(self, denoiser: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
+                text_states: torch.Tensor) -> torch.Tensor:
+        """One denoiser call: sample (B, C, H, W), timestep (B,), text_states (B, L, D) -> (B, C, H, W)."""
+
+    @abc.abstractmethod
+    def encode_prompts(self, modules: BackboneModules, prompts: Sequence[str]) -> torch.Tensor:
+        """Text encoder hidden states for the denoiser, (B, L, D_text)."""
+
+
+# ------------------------------------------------------------------------------------ granularity
+#: Returns the current gates of one unit group, (B, n_units), or None when the model runs ungated.
+GateGetter = Callable[[], "torch.Tensor | None"]
+
+
+class Granularity(Component, abc.ABC):
+    """A kind of prunable unit: finds the unit groups in a denoiser, gates them, cuts them.
+
+    A gate multiplies activations exactly where the physical cut removes them, so that a model
+    with hard gates and the cut model compute the same function.
+    """
+
+    @abc.abstractmethod
+    def unit_groups(self, denoiser: nn.Module, conditioning: Conditioning) -> list[UnitGroup]:
+        """Every unit group of this kind in ``denoiser``, with MACs and parameters per unit."""
+
+    @abc.abstractmethod
+    def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> Any:
+        """Install the gate of ``group``; returns a handle with ``.remove()``."""
+
+    @abc.abstractmethod
+    def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
+        """Physically remove the units of ``group`` where ``keep`` (n_units,) is False, in place."""
+
+
+# ----------------------------------------------------------------------------- encoder / routing
+class PromptEncoder(Component, abc.ABC):
+    """Frozen prompt encoder: prompts -> embeddings z (B, D)."""
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int:
+        """D, the embedding width."""
+
+    @abc.abstractmethod
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Embeddings (B, D), float32, on CPU."""
+
+
+class Balancer(Component, abc.ABC):
+    """Turns routing scores (B, K) into a transport plan whose columns are balanced."""
+
+    @abc.abstractmethod
+    def plan(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (B, K), higher is better -> plan (B, K), rows sum to 1/B, columns to 1/K."""
+
+    def assign(self, scores: torch.Tensor) -> torch.Tensor:
+        """Expert id of each row, (B,) long: argmax of the plan."""
+        return self.plan(scores).argmax(dim=-1)
+
+
+@dataclass
+class RoutingResult:
+    """Where each prompt goes."""
+
+    expert_ids: torch.Tensor  # (B,) long in [0, K)
+    scores: torch.Tensor  # (B, K), higher is a better match
+    num_experts: int
+
+    @property
+    def load(self) -> torch.Tensor:
+        """Prompts per expert, (K,) long."""
+        return torch.bincount(self.expert_ids, minlength=self.num_experts)
+
+
+class Router(Component, nn.Module, abc.ABC):
+    """Maps prompt embeddings z (B, D) to one of K experts."""
+
+    @property
+    @abc.abstractmethod
+    def num_experts(self) -> int:
+        """K."""
+
+    def fit(self, embeddings: torch.Tensor, **context: Any) -> None:  # noqa: B027 - optional
+        """Fit on a set of prompt embeddings (N, D) before routing (k-means, nearest). Default: no-op."""
+
+    @abc.abstractmethod
+    def scores(self, z: torch.Tensor) -> torch.Tensor:
+        """Match of each prompt to each expert, (B, K); higher is better."""
+
+    def route(self, z: torch.Tensor, balancer: Balancer | None = None) -> RoutingResult:
+        """Argmax of the scores, or of the balancer's plan when one is given (training)."""
+        s = self.scores(z)  # (B, K)
+        ids = balancer.assign(s) if balancer is not None else s.argmax(dim=-1)
+        return RoutingResult(ids, s, self.num_experts)
+
+
+# ---------------------------------------------------------------------------- assignment / prune
+@dataclass
+class AssignmentContext:
+    """What an assignment may look at to choose each expert's architecture."""
+
+    unit_space: UnitSpace
+    num_experts: int  # K
+    target_ratio: float  # kept-MACs budget as a fraction of the whole model's MACs
+    denoiser: nn.Module | None = None
+    router: Router | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Assignment(Component, abc.ABC):
+    """Chooses which of the U units each of the K experts keeps."""
+
+    @abc.abstractmethod
+    def architectures(self, context: AssignmentContext) -> torch.Tensor:
+        """Architecture matrix (K, U) with entries in {0, 1}."""
+
+
+class Pruner(Component, abc.ABC):
+    """A pruning procedure: turns a composition into K experts (and a router) on disk."""
+
+    @abc.abstractmethod
+    def run(self, composition: Composition, output_dir: Path) -> dict[str, Any]:
+        """Run the procedure; write its artefacts under ``output_dir``; return a summary."""
+
+
+class Metric(Component, abc.ABC):
+    """A quality metric over generated images (N, 3, H, W) in [0, 1] and their prompts."""
+
+    higher_is_better: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def compute(self, images: torch.Tensor, prompts: Sequence[str],
+                reference: torch.Tensor | None = None) -> float:
+        """One number for the whole set."""
