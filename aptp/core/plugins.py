@@ -69,7 +69,7 @@ def registry_from_plugin_manager(pm: pluggy.PluginManager) -> Registry:
     for kind, hook_name in HOOKS.items():
         caller = getattr(pm.hook, hook_name)
         # Oldest registration first, so a duplicate error names the built-in before the intruder.
-        for impl in reversed(caller.get_hookimpls()):
+        for impl in caller.get_hookimpls():
             provider = pm.get_name(impl.plugin) or repr(impl.plugin)
             with registry[kind].providing(provider, distributions.get(id(impl.plugin))):
                 impl.function(registry=registry[kind])

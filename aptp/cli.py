@@ -1,0 +1,131 @@
+"""The ``aptp`` command line: ``aptp list | config | run | route`` (``aptp COMMAND --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+#: Sub-commands implemented in their own modules: each has ``add_parser(subparsers)`` and ``main(args)``.
+EXTERNAL_COMMANDS = ("aptp.routers.cli_route",)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from aptp.core.plugins import default_registry
+    from aptp.core.registry import KINDS
+
+    registry = default_registry()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    for kind in kinds:
+        specs = list(registry[kind])
+        print(f"{kind} ({len(specs)})")
+        if not specs:
+            print("  (none registered)")
+        for spec in specs:
+            provider = spec.distribution or spec.provider
+            print(f"  {spec.name:<20} {provider:<22} {spec.summary}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from aptp.core.config import load_experiment
+
+    cfg = load_experiment(args.experiment, args.overrides, search_path=args.config_dir or ())
+    print(OmegaConf.to_yaml(cfg), end="")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from aptp.core.build import build
+    from aptp.core.config import load_experiment
+
+    cfg = load_experiment(args.experiment, args.overrides, search_path=args.config_dir or ())
+    composition = build(cfg)
+    pruner = composition.require("pruner")
+    output_dir = Path(args.output_dir or cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary = pruner.run(composition, output_dir)
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aptp",
+        description="Prompt-routed pruning of text-to-image diffusion models (APTP) and static baselines. "
+        "Components (backbones, granularities, routers, ...) come from plugins; experiments are YAML "
+        "files composing them by name.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("list", help="list registered components by kind, with the distribution providing each",
+                       description="List every registered component, grouped by kind, with the plugin "
+                       "distribution that provides it. Block a plugin with APTP_BLOCK_PLUGINS=name.")
+    p.add_argument("kind", nargs="?", help="only this kind (backbone, granularity, encoder, balancer, router, "
+                   "assignment, pruner, metric)")
+    p.set_defaults(func=_cmd_list)
+
+    overrides_help = ("overrides: SLOT=PRESET picks another preset (router=kmeans), DOTTED.KEY=VALUE sets a "
+                      "value (router.num_experts=4)")
+    for name, func, text in (
+        ("config", _cmd_config, "print the resolved config of an experiment"),
+        ("run", _cmd_run, "run an experiment: build its components and run its pruner"),
+    ):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ". EXPERIMENT is a "
+                           "YAML path or a name under configs/experiment/.")
+        p.add_argument("experiment", metavar="EXPERIMENT")
+        p.add_argument("overrides", nargs="*", metavar="OVERRIDE", help=overrides_help)
+        p.add_argument("--config-dir", action="append", metavar="DIR",
+                       help="extra folder of presets (<kind>/<preset>.yaml), searched first; repeatable")
+        if name == "run":
+            p.add_argument("--output-dir", metavar="DIR", help="where to write results (default: the "
+                           "experiment's output_dir, runs/<name>)")
+        p.set_defaults(func=func)
+
+    for module in _external_modules():
+        before = set(sub.choices)
+        module.add_parser(sub)
+        for command in set(sub.choices) - before:
+            sub.choices[command].set_defaults(func=module.main)
+    return parser
+
+
+def _external_modules() -> list:
+    modules = []
+    for module_name in EXTERNAL_COMMANDS:
+        try:
+            modules.append(importlib.import_module(module_name))
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+    return modules
+
+
+def _version() -> str:
+    from aptp import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from aptp.core.errors import AptpError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (AptpError, FileNotFoundError) as exc:
+        print(f"aptp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"aptp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+import pytest
+from omegaconf import OmegaConf
+
+from aptp.core.build import Composition, build
+from aptp.core.config import compose, load_experiment
+from aptp.core.errors import ConfigError, UnknownComponentError
+
+
+def load(preset_dir, registry, overrides=()):
+    return load_experiment("exp", overrides, registry=registry, search_path=[preset_dir])
+
+
+def test_defaults_list_and_body_compose(preset_dir, adhoc_registry):
+    cfg = load(preset_dir, adhoc_registry)
+    assert cfg.router == {"name": "projection", "num_experts": 3, "dim": 6}
+    assert cfg.name == "exp" and cfg.seed == 3 and cfg.output_dir == "runs/exp"
+
+
+def test_overrides_choose_presets_and_set_values(preset_dir, adhoc_registry):
+    cfg = load(preset_dir, adhoc_registry, ["router=proj5", "router.num_experts=7", "seed=9"])
+    assert cfg.router.num_experts == 7 and cfg.router.dim == 6 and cfg.seed == 9
+
+
+def test_unknown_component_key_names_key_and_component(preset_dir, adhoc_registry):
+    with pytest.raises(ConfigError, match=r"router 'projection' has no parameter 'num_expert'.*Did you mean 'num_experts'"):
+        load(preset_dir, adhoc_registry, ["router.num_expert=4"])
+
+
+def test_wrong_value_type(preset_dir, adhoc_registry):
+    with pytest.raises(ConfigError, match=r"router.*num_experts"):
+        load(preset_dir, adhoc_registry, ["router.num_experts=many"])
+
+
+def test_bad_value_caught_by_dataclass_checks(preset_dir, adhoc_registry):
+    with pytest.raises(ConfigError, match="num_experts must be >= 1, got 0"):
+        load(preset_dir, adhoc_registry, ["router.num_experts=0"])
+
+
+def test_unknown_component_name(preset_dir, adhoc_registry):
+    (preset_dir / "router" / "typo.yaml").write_text("name: projektion\n")
+    with pytest.raises(UnknownComponentError, match="Did you mean 'projection'"):
+        load(preset_dir, adhoc_registry, ["router=typo"])
+
+
+def test_unknown_preset_and_slot_and_top_level_key(preset_dir, adhoc_registry):
+    with pytest.raises(ConfigError, match="no preset 'proj4'.*Did you mean"):
+        load(preset_dir, adhoc_registry, ["router=proj4"])
+    with pytest.raises(ConfigError, match="unknown key 'sed'.*Did you mean 'seed'"):
+        load(preset_dir, adhoc_registry, ["sed=1"])
+    with pytest.raises(ConfigError, match="unknown slot 'routr'"):
+        compose({"defaults": [{"routr": "proj3"}]}, registry=adhoc_registry, search_path=[preset_dir])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load(preset_dir, adhoc_registry, ["router"])
+
+
+def test_missing_and_malformed_files(tmp_path, adhoc_registry):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_experiment(tmp_path / "nope.yaml", registry=adhoc_registry)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_experiment(bad, registry=adhoc_registry)
+
+
+def test_no_import_paths_can_run(preset_dir, adhoc_registry):
+    (preset_dir / "router" / "evil.yaml").write_text("_target_: os.system\nname: projection\n")
+    with pytest.raises(ConfigError, match="no parameter '_target_'"):
+        load(preset_dir, adhoc_registry, ["router=evil"])
+
+
+def test_build_save_load_roundtrip(preset_dir, adhoc_registry, tmp_path):
+    cfg = load(preset_dir, adhoc_registry)
+    comp = build(cfg, adhoc_registry)
+    again = build(cfg, adhoc_registry)
+    assert comp.router.num_experts == 3 and comp.backbone is None
+    assert (comp.router.proj == again.router.proj).all(), "build must be deterministic under the seed"
+    out = comp.save(tmp_path / "saved")
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "manifest.json", "state.safetensors"]
+    loaded = Composition.load(out, adhoc_registry)
+    assert (loaded.router.proj == comp.router.proj).all()
+    assert OmegaConf.to_container(loaded.config) == OmegaConf.to_container(cfg)
+    assert loaded.manifest()["components"]["router"]["provider"] == "adhoc"
+
+
+def test_load_names_a_missing_plugin(preset_dir, adhoc_registry, tmp_path):
+    from aptp.core.plugins import load_registry
+
+    comp = build(load(preset_dir, adhoc_registry), adhoc_registry)
+    out = comp.save(tmp_path / "saved")
+    with pytest.raises(UnknownComponentError, match="plugin 'adhoc'.*not installed or is blocked"):
+        Composition.load(out, load_registry())
+    with pytest.raises(FileNotFoundError, match="state.safetensors is missing"):
+        (out / "state.safetensors").unlink()
+        Composition.load(out, adhoc_registry)
+
+
+def test_require_names_the_missing_slot(preset_dir, adhoc_registry):
+    comp = build(load(preset_dir, adhoc_registry), adhoc_registry)
+    with pytest.raises(ConfigError, match="needs a 'pruner'"):
+        comp.require("pruner")
