@@ -100,6 +100,56 @@ class Backbone(Component, abc.ABC):
     def encode_prompts(self, modules: BackboneModules, prompts: Sequence[str]) -> torch.Tensor:
         """Text encoder hidden states for the denoiser, (B, L, D_text)."""
 
+    def feature_modules(self, denoiser: nn.Module) -> list[nn.Module]:
+        """Modules whose outputs block-feature distillation matches (UNets: every down, mid and up
+        block). Their output widths are never pruned, so teacher and expert features align."""
+        mods: list[nn.Module] = []
+        for name in ("down_blocks", "up_blocks", "transformer_blocks"):
+            mods += list(getattr(denoiser, name, []) or [])
+        if getattr(denoiser, "mid_block", None) is not None:
+            mods.insert(len(getattr(denoiser, "down_blocks", []) or []), denoiser.mid_block)
+        return mods
+
+    def to_latents(self, modules: BackboneModules, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> denoiser space (B, C, h, w): VAE latents or pixels."""
+        if modules.vae is None:
+            return images
+        latents = modules.vae.encode(images).latent_dist.sample()
+        return latents * modules.vae.config.scaling_factor
+
+    def decode(self, modules: BackboneModules, sample: torch.Tensor) -> torch.Tensor:
+        """Denoiser space (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
+        if modules.vae is not None:
+            sample = modules.vae.decode(sample / modules.vae.config.scaling_factor).sample
+        return (sample / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def generate(self, modules: BackboneModules, prompts: Sequence[str], *, denoiser: nn.Module | None = None,
+                 num_inference_steps: int = 25, guidance_scale: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample images (B, 3, H, W) in [0, 1] for ``prompts`` with ``denoiser`` (default: the
+        dense one) and a fresh copy of the backbone's scheduler; classifier-free guidance when
+        ``guidance_scale > 1`` (the unconditional prompt is the empty string)."""
+        denoiser = denoiser if denoiser is not None else modules.denoiser
+        param = next(denoiser.parameters())
+        scheduler = type(modules.scheduler).from_config(modules.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps)
+        b, cfg = len(prompts), guidance_scale > 1.0
+        text = self.encode_prompts(modules, list(prompts)).to(param.device, param.dtype)  # (B, L, D)
+        if cfg:
+            text = torch.cat([self.encode_prompts(modules, [""] * b).to(text), text])  # (2B, L, D)
+        shape = (b, *self.conditioning().sample_shape)
+        x = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
+        x = x.to(param.device, param.dtype) * scheduler.init_noise_sigma  # (B, C, H, W)
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
+            pred = self.denoise(denoiser, inp, t.expand(inp.shape[0]).to(param.device), text)
+            if cfg:
+                uncond, cond = pred.chunk(2)
+                pred = uncond + guidance_scale * (cond - uncond)
+            x = scheduler.step(pred, t, x, generator=generator).prev_sample
+        return self.decode(modules, x).float()
+
 
 # ------------------------------------------------------------------------------------ granularity
 #: Returns the current gates of one unit group, (B, n_units), or None when the model runs ungated.

@@ -1,0 +1,77 @@
+"""Task losses shared by the pruning procedures: denoising (epsilon / v-prediction with Min-SNR
+weighting), output distillation and block-feature distillation from the dense teacher."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the denoiser is trained to predict, (B, C, H, W), for the scheduler's prediction type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unsupported prediction_type {kind!r}; use 'epsilon', 'v_prediction' or 'sample'.")
+
+
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Per-sample loss weights (B,) of Min-SNR-gamma (Hang et al. 2023); ones when gamma is None.
+
+    SNR(t) = alpha_bar / (1 - alpha_bar); epsilon: min(SNR, g) / SNR; v: min(SNR, g) / (SNR + 1).
+    """
+    if gamma is None or gamma <= 0:
+        return torch.ones(t.shape[0], device=t.device)
+    a = scheduler.alphas_cumprod.to(t.device)[t].float()  # (B,)
+    snr = a / (1 - a)
+    clipped = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    if kind == "epsilon":
+        return clipped / snr
+    return clipped
+
+
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample, (B, ...) x2 -> (B,)."""
+    return F.mse_loss(a.float(), b.float(), reduction="none").flatten(1).mean(dim=1)
+
+
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted denoising loss, scalar."""
+    return (per_sample_mse(pred, target) * weights).mean()
+
+
+def block_distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over blocks of the MSE between student and teacher block outputs."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"need as many student as teacher block features (>0), got {len(student)} and {len(teacher)}.")
+    return sum(F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher))
+
+
+class FeatureRecorder:
+    """Records the outputs of ``modules`` during a forward (forward hooks), in module order."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.features: list[torch.Tensor] = []
+        self._handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, module: nn.Module, args, output) -> None:
+        self.features.append(output[0] if isinstance(output, tuple) else output)
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.features = self.features, []
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
