@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from aptp.core.errors import ShapeError
 from aptp.core.units import UnitGroup, UnitSpace
 
 if TYPE_CHECKING:
@@ -126,10 +127,11 @@ class Backbone(Component, abc.ABC):
     @torch.no_grad()
     def generate(self, modules: BackboneModules, prompts: Sequence[str], *, denoiser: nn.Module | None = None,
                  num_inference_steps: int = 25, guidance_scale: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
         """Sample images (B, 3, H, W) in [0, 1] for ``prompts`` with ``denoiser`` (default: the
         dense one) and a fresh copy of the backbone's scheduler; classifier-free guidance when
-        ``guidance_scale > 1`` (the unconditional prompt is the empty string)."""
+        ``guidance_scale > 1`` (the unconditional prompt is the empty string). ``latents`` (B, C, H, W)
+        is the initial noise; drawn from ``generator`` when not given."""
         denoiser = denoiser if denoiser is not None else modules.denoiser
         param = next(denoiser.parameters())
         scheduler = type(modules.scheduler).from_config(modules.scheduler.config)
@@ -139,8 +141,11 @@ class Backbone(Component, abc.ABC):
         if cfg:
             text = torch.cat([self.encode_prompts(modules, [""] * b).to(text), text])  # (2B, L, D)
         shape = (b, *self.conditioning().sample_shape)
-        x = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
-        x = x.to(param.device, param.dtype) * scheduler.init_noise_sigma  # (B, C, H, W)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
+        elif tuple(latents.shape) != shape:
+            raise ShapeError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+        x = latents.to(param.device, param.dtype) * scheduler.init_noise_sigma  # (B, C, H, W)
         for t in scheduler.timesteps:
             inp = scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
             pred = self.denoise(denoiser, inp, t.expand(inp.shape[0]).to(param.device), text)

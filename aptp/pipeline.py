@@ -1,0 +1,118 @@
+"""Routed inference: route prompts, group them by expert, run each group as one batch.
+
+    pipe = RoutedPipeline(backbone, modules, encoder, router, experts={0: unet0, 1: load_fn})
+    out = pipe(["a red circle", "the letter A in blue"], num_inference_steps=25, generator=g)
+    out.images      # in the input order
+    out.expert_ids  # (B,) the expert each prompt ran on
+
+The text encoder and VAE (``modules``) are shared by every expert; experts are kept resident or
+loaded lazily (a value of ``experts`` may be a zero-argument loader instead of a module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from aptp.core.interfaces import Backbone, BackboneModules, PromptEncoder, Router
+
+ExpertSource = nn.Module | Callable[[], nn.Module]
+
+
+@dataclass
+class RoutedOutput:
+    images: Any  # list of PIL images, (B, 3, H, W) tensor in [0, 1], or (B, H, W, 3) array
+    expert_ids: torch.Tensor  # (B,) long
+
+
+def check_prompts(prompts: Sequence[str], max_prompts: int | None = None) -> list[str]:
+    """A list of non-empty strings, or a ValueError/TypeError saying which entry is wrong."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("got an empty prompt list; pass at least one prompt.")
+    if max_prompts is not None and len(prompts) > max_prompts:
+        raise ValueError(f"got {len(prompts)} prompts, more than max_prompts={max_prompts}; split the list.")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} is a {type(p).__name__} ({p!r}); every prompt must be a string.")
+    return prompts
+
+
+class RoutedPipeline:
+    """Prompt-routed text-to-image generation over K experts of one backbone."""
+
+    def __init__(self, backbone: Backbone, modules: BackboneModules, encoder: PromptEncoder, router: Router,
+                 experts: Mapping[int, ExpertSource], max_batch_size: int = 16, resident: bool = True) -> None:
+        missing = set(range(router.num_experts)) - set(experts)
+        if missing:
+            raise ValueError(f"no expert given for ids {sorted(missing)}; the router has {router.num_experts} experts.")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
+        self.backbone, self.modules, self.encoder, self.router = backbone, modules, encoder, router
+        self._sources = dict(experts)
+        self._resident: dict[int, nn.Module] = {k: v for k, v in experts.items() if isinstance(v, nn.Module)}
+        self.max_batch_size = max_batch_size
+        self.resident = resident
+
+    def expert(self, k: int) -> nn.Module:
+        """Expert ``k``, loading it if it is not resident."""
+        if k in self._resident:
+            return self._resident[k]
+        module = self._sources[k]()  # type: ignore[operator]
+        module.eval()
+        if self.resident:
+            self._resident[k] = module
+        return module
+
+    @torch.no_grad()
+    def route(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Expert id of each prompt, (B,) long (inference routing: argmax, no balancing)."""
+        z = self.encoder.encode(check_prompts(prompts))  # (B, D)
+        self.router.eval()
+        return self.router.route(z).expert_ids
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str] | str, num_inference_steps: int = 25, guidance_scale: float = 1.0,
+                 generator: torch.Generator | None = None,
+                 output_type: Literal["pil", "pt", "np"] = "pil") -> RoutedOutput:
+        prompts = check_prompts(prompts)
+        expert_ids = self.route(prompts)  # (B,)
+        shape = (len(prompts), *self.backbone.conditioning().sample_shape)
+        # Initial noise is drawn for all prompts in input order, so an image does not depend on
+        # which other prompts share its batch.
+        latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
+        images: torch.Tensor | None = None
+        for k in expert_ids.unique().tolist():
+            idx = (expert_ids == k).nonzero().flatten()  # prompts of expert k, input order
+            denoiser = self.expert(k)
+            for chunk in idx.split(self.max_batch_size):
+                out = self.backbone.generate(
+                    self.modules, [prompts[i] for i in chunk.tolist()], denoiser=denoiser,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    generator=generator, latents=latents[chunk],
+                ).cpu()  # (b, 3, H, W)
+                if images is None:
+                    images = torch.empty(len(prompts), *out.shape[1:])
+                images[chunk] = out
+        assert images is not None
+        return RoutedOutput(to_output_type(images, output_type), expert_ids)
+
+
+def to_output_type(images: torch.Tensor, output_type: str) -> Any:
+    """(B, 3, H, W) in [0, 1] -> 'pt' as is, 'np' (B, H, W, 3) float, 'pil' list of images."""
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return array
+    if output_type == "pil":
+        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+    raise ValueError(f"output_type must be 'pil', 'pt' or 'np', got {output_type!r}.")
