@@ -1,0 +1,183 @@
+"""The APTP router: a learned architecture predictor plus K architecture codes.
+
+``scores = cos(w * hard_gates(predictor(z)), w * hard_gates(codes))``  (B, K), where w = 1/sqrt(n_g)
+normalises every unit group to the same weight. Training routes through a Balancer (optimal
+transport: balanced experts); inference takes the argmax of the scores. Gates are deterministic
+unless ``noise=True`` is asked for (training).
+
+The router needs the unit space: call :meth:`OTRouter.bind` (a freshly built router is unbound).
+Its saved tensors carry the unit space (as JSON bytes), so ``load_state_tensors`` binds a fresh
+router and refuses tensors made for another unit space (IncompatibleError).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from aptp.core.errors import ConfigError, IncompatibleError, ShapeError
+from aptp.core.interfaces import Router
+from aptp.core.units import UnitSpace
+from aptp.routers._checks import check_embeddings
+from aptp.routers.predictor import ArchitectureCodes, ArchitecturePredictor, RawLayout
+
+UNIT_SPACE_KEY = "unit_space_json"  # uint8 tensor: UnitSpace.to_dict() as UTF-8 JSON
+
+
+@dataclass
+class OTRouterConfig:
+    """APTP's router: predictor + codes, balanced by optimal transport in training."""
+
+    num_experts: int = 8  # K (the paper: 8; 16 for its largest model)
+    hidden_dim: Optional[int] = None  # None: linear heads (the paper); else a hidden layer of this width
+    tau: float = 0.4  # Gumbel-sigmoid temperature
+    offset: float = 3.0  # Gumbel-sigmoid offset: positive keeps units at initialisation
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts={self.num_experts} must be >= 1 (the paper uses 8).")
+        if self.hidden_dim is not None and self.hidden_dim < 1:
+            raise ValueError(f"hidden_dim={self.hidden_dim} must be >= 1, or null for linear heads.")
+        if not self.tau > 0:
+            raise ValueError(f"tau={self.tau} must be > 0 (the paper uses 0.4).")
+
+
+def encode_unit_space(unit_space: UnitSpace) -> torch.Tensor:
+    """UnitSpace -> uint8 tensor of its JSON (storable in safetensors)."""
+    return torch.frombuffer(bytearray(json.dumps(unit_space.to_dict()).encode()), dtype=torch.uint8).clone()
+
+
+def decode_unit_space(data: torch.Tensor) -> UnitSpace:
+    return UnitSpace.from_dict(json.loads(bytes(data.to(torch.uint8).tolist()).decode()))
+
+
+class OTRouter(Router):
+    """APTP router: architecture predictor + K codes, routed by optimal transport in training."""
+
+    config_class = OTRouterConfig
+
+    def __init__(self, config: OTRouterConfig | None = None) -> None:
+        super().__init__(config)
+        self.unit_space: UnitSpace | None = None
+        self.layout: RawLayout | None = None
+        self.predictor: ArchitecturePredictor | None = None
+        self.codes: ArchitectureCodes | None = None
+
+    # --- setup ----------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def bound(self) -> bool:
+        return self.unit_space is not None
+
+    @property
+    def embed_dim(self) -> int | None:
+        return self.predictor.embed_dim if self.predictor is not None else None
+
+    def bind(self, unit_space: UnitSpace, embed_dim: int) -> OTRouter:
+        """Create the predictor (D -> R) and the codes (K, R) for ``unit_space``; returns self."""
+        if self.bound:
+            if unit_space.fingerprint() == self.unit_space.fingerprint() and embed_dim == self.embed_dim:
+                return self
+            self.unit_space.require_same(unit_space.fingerprint(), "this router")
+            raise IncompatibleError(f"this router is bound to D={self.embed_dim}, not D={embed_dim}.")
+        if unit_space.size < 1:
+            raise ConfigError("the unit space has no units (U=0); choose granularities that find prunable units.")
+        if embed_dim < 1:
+            raise ConfigError(f"embed_dim={embed_dim} must be >= 1 (the prompt encoder's width D).")
+        self.unit_space = unit_space
+        self.layout = RawLayout(unit_space)
+        self.predictor = ArchitecturePredictor(embed_dim, self.layout.raw_sizes, self.config.hidden_dim)
+        self.codes = ArchitectureCodes(self.config.num_experts, self.layout.raw_size)
+        return self
+
+    def _require_bound(self) -> None:
+        if not self.bound:
+            raise ConfigError(
+                "the 'ot' router is not bound to a unit space: call router.bind(unit_space, embed_dim) "
+                "or load saved router tensors first."
+            )
+
+    # --- logits and gates -----------------------------------------------------------------------
+    def predict(self, z: torch.Tensor) -> torch.Tensor:
+        """Predicted unit logits e (B, U) of prompt embeddings z (B, D)."""
+        self._require_bound()
+        z = check_embeddings(z, self.embed_dim)
+        return self.layout.unit_logits(self.predictor(z.to(self.codes.weight.dtype)))  # (B, U)
+
+    def code_logits(self) -> torch.Tensor:
+        """Unit logits of the K codes, (K, U)."""
+        self._require_bound()
+        return self.layout.unit_logits(self.codes())  # (K, U)
+
+    def predicted_gates(self, z: torch.Tensor, noise: bool = False, hard: bool = True) -> torch.Tensor:
+        """Gates (B, U) of the predicted architectures (straight-through when hard)."""
+        c = self.config
+        return self.layout.gates(self.predict(z), c.tau, c.offset, noise=noise, hard=hard)
+
+    def code_gates(self, noise: bool = False, hard: bool = True) -> torch.Tensor:
+        """Gates (K, U) of the codes (straight-through when hard)."""
+        c = self.config
+        return self.layout.gates(self.code_logits(), c.tau, c.offset, noise=noise, hard=hard)
+
+    @torch.no_grad()
+    def architectures(self) -> torch.Tensor:
+        """The experts' architectures: deterministic hard code gates, (K, U) float in {0, 1}."""
+        return self.code_gates(noise=False, hard=True).detach().clone()
+
+    def scores(self, z: torch.Tensor, noise: bool = False) -> torch.Tensor:
+        """Cosine similarity of group-normalised hard gates, prompts vs codes, (B, K)."""
+        w = self.layout.group_weight.to(self.codes.weight) if self.bound else None
+        g_pred = self.predicted_gates(z, noise=noise) * w  # (B, U)
+        g_code = self.code_gates(noise=noise) * w  # (K, U)
+        return F.normalize(g_pred, dim=-1, eps=1e-8) @ F.normalize(g_code, dim=-1, eps=1e-8).T  # (B, K)
+
+    # --- persistence ----------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.bound:
+            return {}
+        return {**{k: v for k, v in self.state_dict().items()}, UNIT_SPACE_KEY: encode_unit_space(self.unit_space)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            return
+        if UNIT_SPACE_KEY not in tensors:
+            raise IncompatibleError(
+                f"these tensors are not a saved 'ot' router (no {UNIT_SPACE_KEY!r}; keys: {sorted(tensors)[:5]})."
+            )
+        tensors = dict(tensors)
+        space = decode_unit_space(tensors.pop(UNIT_SPACE_KEY))
+        if "predictor.hidden.0.weight" in tensors:
+            embed_dim = tensors["predictor.hidden.0.weight"].shape[1]
+        else:
+            embed_dim = tensors["predictor.heads.weight"].shape[1]
+        if self.bound:
+            self.unit_space.require_same(space.fingerprint(), "the saved router")
+        k_saved = tensors["codes.weight"].shape[0]
+        if k_saved != self.num_experts:
+            raise IncompatibleError(
+                f"the saved router has K={k_saved} codes, this one is configured with num_experts="
+                f"{self.num_experts}; set num_experts={k_saved}."
+            )
+        self.bind(space, embed_dim)
+        try:
+            self.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise IncompatibleError(
+                f"the saved router does not fit this config ({exc}); check hidden_dim (null or the saved width)."
+            ) from None
+
+
+def check_architectures(arch: torch.Tensor, unit_space: UnitSpace, num_experts: int) -> torch.Tensor:
+    """Architectures (K, U) of ``num_experts`` experts over ``unit_space``, or ShapeError."""
+    if arch.dim() != 2 or arch.shape != (num_experts, unit_space.size):
+        raise ShapeError(
+            f"architectures must have shape (K={num_experts}, U={unit_space.size}), got {tuple(arch.shape)}."
+        )
+    return arch
