@@ -5,4 +5,6 @@ from aptp.core.hookspecs import hookimpl
 
 @hookimpl
 def aptp_register_backbones(registry):
-    pass
+    from aptp.backbones.unet import UNetBackbone
+
+    registry.add("unet", UNetBackbone)

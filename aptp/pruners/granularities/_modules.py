@@ -1,0 +1,72 @@
+"""The few stand-in modules a physical cut needs where no diffusers block of size zero exists.
+
+Each computes exactly what the hard-gated block computes when *all* of its units are gated off:
+
+* :class:`ResidualBypass` -- a ``ResnetBlock2D`` without its residual branch:
+  ``(shortcut(x) + b) / output_scale_factor``, where ``shortcut`` is the block's 1x1
+  ``conv_shortcut`` (or the identity when in == out channels) and ``b`` is ``conv2``'s bias when the
+  branch lost all its channels (a conv of zeros is its bias) or nothing when the block is dropped.
+* :class:`SkipTransformer` -- a ``Transformer2DModel`` reduced to its residual: output = input.
+* :class:`NoHeadAttention` -- an ``Attention`` with zero heads: ``to_out[0]`` of zeros = its bias.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ResidualBypass(nn.Module):
+    """``ResnetBlock2D`` minus its residual branch: ``(shortcut(x) + bias) / output_scale_factor``."""
+
+    def __init__(self, conv_shortcut: nn.Module | None, output_scale_factor: float = 1.0,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.conv_shortcut = conv_shortcut
+        self.output_scale_factor = float(output_scale_factor)
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
+        if self.bias is not None:
+            x = x + self.bias[None, :, None, None]
+        return x / self.output_scale_factor
+
+
+class SkipTransformer(nn.Module):
+    """``Transformer2DModel`` reduced to its residual connection (returns its input)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        if not return_dict:
+            return (hidden_states,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=hidden_states)
+
+
+class NoHeadAttention(nn.Module):
+    """``Attention`` whose heads were all cut: its output is ``to_out[0]``'s bias (or zeros)."""
+
+    def __init__(self, out_dim: int, bias: torch.Tensor | None, residual_connection: bool = False,
+                 rescale_output_factor: float = 1.0) -> None:
+        super().__init__()
+        self.out_dim = int(out_dim)
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.residual_connection = bool(residual_connection)
+        self.rescale_output_factor = float(rescale_output_factor)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if hidden_states.dim() == 4:  # (B, C, H, W)
+            b, _, h, w = hidden_states.shape
+            out = hidden_states.new_zeros(b, self.out_dim, h, w)
+            if self.bias is not None:
+                out = out + self.bias[None, :, None, None]
+        else:  # (B, N, C)
+            out = hidden_states.new_zeros(*hidden_states.shape[:-1], self.out_dim)
+            if self.bias is not None:
+                out = out + self.bias
+        if self.residual_connection:
+            out = out + hidden_states
+        return out / self.rescale_output_factor

@@ -1,0 +1,105 @@
+"""Feed-forward width: the inner width of every diffusers ``FeedForward`` in groups.
+
+A ``FeedForward`` is ``net = [act(proj: C -> k * F), Dropout, Linear(F -> C), ...]`` with ``k = 2``
+halves for gated activations (GEGLU, SwiGLU: value and gate) and ``k = 1`` otherwise. Unit ``j``
+is a contiguous run of ``s = F / n`` inner channels (``n = num_units``, 32 as in the paper).
+
+* gate: a forward pre-hook on ``net[2]`` multiplies its input (B, N, F) by ``g`` (B, n) expanded;
+* cut: ``proj`` rows of the unit in *each* half, ``net[2]`` columns (a fully cut FFN keeps zero-width
+  linears: ``net[2]`` of an empty input is its bias, exactly the gated value);
+* MACs per unit: ``(MACs(proj) + MACs(net[2])) / n``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from aptp.core.interfaces import Conditioning, GateGetter, Granularity
+from aptp.core.units import UnitGroup
+from aptp.pruners.granularities._common import (
+    HookHandles,
+    channel_index,
+    expand_gates,
+    get_module,
+    slice_linear,
+    trace,
+    units_to_channels,
+)
+
+
+@dataclass
+class FFNConfig:
+    """num_units: groups per feed-forward (must divide its inner width)."""
+
+    num_units: int = 32
+
+    def __post_init__(self) -> None:
+        if self.num_units < 1:
+            raise ValueError(f"num_units={self.num_units} must be >= 1 (the paper uses 32 groups per FFN).")
+
+
+def _feedforwards(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
+    from diffusers.models.attention import FeedForward
+
+    return [(p, m) for p, m in denoiser.named_modules() if isinstance(m, FeedForward)]
+
+
+def _layout(ff: nn.Module) -> tuple[nn.Linear, nn.Linear, int, int]:
+    """(proj, out, F inner width, k halves)."""
+    proj, out = ff.net[0].proj, ff.net[2]
+    f = out.in_features
+    if proj.out_features % f:
+        raise ValueError(f"feed-forward proj width {proj.out_features} is no multiple of its inner width {f}.")
+    return proj, out, f, proj.out_features // f
+
+
+class FFN(Granularity):
+    """Feed-forward (GEGLU) inner width in groups (gate before ``net[2]``)."""
+
+    config_class = FFNConfig
+    kind = "ffn"
+
+    def _units(self, f: int, path: str) -> int:
+        n = min(self.config.num_units, f)
+        if f % n:
+            raise ValueError(
+                f"{path}: inner width {f} is not divisible by num_units={self.config.num_units}; choose a divisor of {f}."
+            )
+        return n
+
+    def unit_groups(self, denoiser: nn.Module, conditioning: Conditioning) -> list[UnitGroup]:
+        tr = trace(denoiser, conditioning)
+        groups = []
+        for path, ff in _feedforwards(denoiser):
+            proj, out, f, k = _layout(ff)
+            n = self._units(f, path)
+            s = f // n
+            macs = tr.macs(f"{path}.net.0.proj") + tr.macs(f"{path}.net.2")
+            params = s * k * (proj.in_features + (1 if proj.bias is not None else 0)) + s * out.out_features
+            groups.append(UnitGroup(self.kind, path, n, macs / n, params,
+                                    meta={"channels_per_unit": s, "halves": k}))
+        return groups
+
+    def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> HookHandles:
+        ff = get_module(denoiser, group.path)
+        s = ff.net[2].in_features // group.num_units
+
+        def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+            g = gates()  # (B_g, n) or None
+            if g is None:
+                return None
+            x = args[0]  # (B, N, F)
+            cg = units_to_channels(expand_gates(g, x.shape[0], group.path), s)  # (B, F)
+            return (x * cg.to(x.dtype).unsqueeze(1), *args[1:])
+
+        return HookHandles([ff.net[2].register_forward_pre_hook(pre_hook)])
+
+    def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
+        ff = get_module(denoiser, group.path)
+        proj, out, f, k = _layout(ff)
+        idx = channel_index(keep, f // group.num_units)  # (kept channels,)
+        slice_linear(proj, rows=torch.cat([idx + h * f for h in range(k)]))
+        slice_linear(out, cols=idx)

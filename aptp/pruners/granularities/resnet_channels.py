@@ -1,0 +1,105 @@
+"""ResNet inner width, in whole GroupNorm groups of ``norm2``.
+
+Unit ``j`` of a ``ResnetBlock2D`` is the ``j``-th group of ``norm2``: ``s = C / G`` contiguous
+channels of the inner width ``C`` (``conv1``'s output). Whole groups keep GroupNorm's statistics
+of the surviving channels unchanged, so the cut is exact.
+
+* gate: a forward pre-hook on ``conv2`` multiplies its input, i.e. the activations *after*
+  ``norm2`` + SiLU (+ dropout), by the expanded gates ``g`` (B, G) -> (B, C, 1, 1);
+* cut: ``conv1`` output channels, ``time_emb_proj`` rows (both halves for ``scale_shift``),
+  ``norm2`` channels and ``num_groups``, ``conv2`` input channels. A block that loses every group
+  becomes :class:`~aptp.pruners.granularities._modules.ResidualBypass` with ``conv2``'s bias;
+* MACs per unit: ``(MACs(conv1) + MACs(time_emb_proj) + MACs(conv2)) / G`` (all linear in C).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from aptp.core.interfaces import Conditioning, GateGetter, Granularity
+from aptp.core.units import UnitGroup
+from aptp.pruners.granularities._common import (
+    HookHandles,
+    channel_index,
+    expand_gates,
+    get_module,
+    set_module,
+    slice_conv,
+    slice_linear,
+    trace,
+    units_to_channels,
+)
+from aptp.pruners.granularities._modules import ResidualBypass
+
+
+@dataclass
+class ResnetChannelsConfig:
+    """One unit per GroupNorm group of each ResNet's ``norm2`` (no parameters)."""
+
+
+def _resnets(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return [(p, m) for p, m in denoiser.named_modules() if isinstance(m, ResnetBlock2D)]
+
+
+class ResnetChannels(Granularity):
+    """ResNet inner channels in whole GroupNorm groups (gate before ``conv2``)."""
+
+    config_class = ResnetChannelsConfig
+    kind = "resnet_channels"
+
+    def unit_groups(self, denoiser: nn.Module, conditioning: Conditioning) -> list[UnitGroup]:
+        tr = trace(denoiser, conditioning)
+        groups = []
+        for path, r in _resnets(denoiser):
+            c, n = r.conv1.out_channels, r.norm2.num_groups  # C inner channels, G groups
+            s = c // n  # channels per unit
+            macs = tr.macs(f"{path}.conv1") + tr.macs(f"{path}.conv2")
+            params = s * (r.conv1.weight[0].numel() + (1 if r.conv1.bias is not None else 0))
+            params += s * 2  # norm2 weight + bias
+            params += s * r.conv2.weight[:, 0].numel()
+            if r.time_emb_proj is not None:
+                macs += tr.macs(f"{path}.time_emb_proj")
+                halves = r.time_emb_proj.out_features // c
+                params += s * halves * (r.time_emb_proj.in_features + (1 if r.time_emb_proj.bias is not None else 0))
+            groups.append(UnitGroup(self.kind, path, n, macs / n, params,
+                                    meta={"channels_per_unit": s}))
+        return groups
+
+    def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> HookHandles:
+        r = get_module(denoiser, group.path)
+        s = r.conv1.out_channels // group.num_units
+
+        def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+            g = gates()  # (B_g, G) or None
+            if g is None:
+                return None
+            x = args[0]  # (B, C, H, W)
+            cg = units_to_channels(expand_gates(g, x.shape[0], group.path), s)  # (B, C)
+            return (x * cg.to(x.dtype)[:, :, None, None], *args[1:])
+
+        return HookHandles([r.conv2.register_forward_pre_hook(pre_hook)])
+
+    def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
+        r = get_module(denoiser, group.path)
+        c = r.conv1.out_channels
+        s = c // group.num_units
+        keep = keep.to(torch.bool)
+        if not bool(keep.any()):  # the branch is gone; conv2 of zeros is its bias
+            set_module(denoiser, group.path, ResidualBypass(r.conv_shortcut, r.output_scale_factor, r.conv2.bias))
+            return
+        idx = channel_index(keep, s)  # (k * s,)
+        slice_conv(r.conv1, out=idx)
+        if r.time_emb_proj is not None:
+            halves = r.time_emb_proj.out_features // c
+            rows = torch.cat([idx + h * c for h in range(halves)])
+            slice_linear(r.time_emb_proj, rows=rows)
+        n2 = r.norm2
+        n2.weight = nn.Parameter(n2.weight[idx.to(n2.weight.device)].clone(), n2.weight.requires_grad)
+        n2.bias = nn.Parameter(n2.bias[idx.to(n2.bias.device)].clone(), n2.bias.requires_grad)
+        n2.num_channels, n2.num_groups = int(idx.numel()), int(keep.sum())
+        slice_conv(r.conv2, inp=idx)
