@@ -87,6 +87,17 @@ class SentenceTransformerEncoder(PromptEncoder):
     def _load(self):
         from sentence_transformers import SentenceTransformer
 
+        from transformers.utils import logging as hf_logging
+
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar for a 90 MB model
+        try:
+            return self._load_model(SentenceTransformer)
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
+
+    def _load_model(self, SentenceTransformer):  # noqa: N803 - the class, passed in
         name = self.config.model
         path = resolve_model_path(name)
         if Path(path).is_dir():
