@@ -180,6 +180,13 @@ class Granularity(Component, abc.ABC):
     def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
         """Physically remove the units of ``group`` where ``keep`` (n_units,) is False, in place."""
 
+    def unit_magnitude(self, denoiser: nn.Module, group: UnitGroup) -> torch.Tensor:
+        """L2 norm of the weights each unit's cut removes, (n_units,): the magnitude criterion.
+
+        Optional; granularities without a meaningful weight norm (e.g. depth) need not define it,
+        and magnitude pruning then keeps their units."""
+        raise NotImplementedError(f"granularity {type(self).__name__} defines no weight magnitude")
+
 
 # ----------------------------------------------------------------------------- encoder / routing
 class PromptEncoder(Component, abc.ABC):

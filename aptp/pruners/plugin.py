@@ -9,3 +9,23 @@ def aptp_register_granularities(registry):
 
     for cls in (ResnetChannels, AttentionHeads, FFN, Depth):
         registry.add(cls.kind, cls)
+
+
+@hookimpl
+def aptp_register_assignments(registry):
+    from aptp.pruners.assignments.magnitude import MagnitudeAssignment
+    from aptp.pruners.assignments.random import RandomAssignment
+    from aptp.pruners.assignments.taylor import TaylorAssignment
+
+    registry.add("magnitude", MagnitudeAssignment)
+    registry.add("taylor", TaylorAssignment)
+    registry.add("random", RandomAssignment)
+
+
+@hookimpl
+def aptp_register_pruners(registry):
+    from aptp.pruners.aptp import AptpPruner
+    from aptp.pruners.static import StaticPruner
+
+    registry.add("aptp", AptpPruner)
+    registry.add("static", StaticPruner)

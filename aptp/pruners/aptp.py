@@ -1,0 +1,219 @@
+"""APTP: prompt-routed pruning in two phases (Ganjdanesh et al., ICLR 2025).
+
+Phase 1 (model weights frozen) trains the router's architecture predictor and its K codes:
+
+    z = encoder(prompts)                      # (B, D)   frozen sentence transformer
+    e = router.predict(z)                     # (B, U)   predicted unit logits
+    k = balancer.assign(router.scores(z))     # (B,)     optimal transport: every code in use
+    g = router.code_gates(noise=True)[k]      # (B, U)   soft gates of each prompt's code
+    student = denoiser(x_t | gates g)         # the same weights gated per sample ...
+    teacher = denoiser(x_t | no gates)        # ... and ungated: the dense teacher, no second copy
+    L = w_d L_denoise + w_o L_out + w_b L_block + w_r |log(mean r / p)| + w_s (-std r + 1 - max r)
+        + w_c L_contrastive(e, z)             # r = kept-MACs ratio of g, (B,)
+
+During the first ``warmup_steps`` the predictor's own soft gates drive the model (no codes, no
+OT). Phase 2 cuts each expert from the dense weights by its code and fine-tunes it on the prompts
+routed to it, with the dense model as teacher.
+
+Distributed (``accelerate launch`` / ``torchrun``): every process draws the *global* batch's
+noise from the same seeded stream and keeps its own rows; balancing, the contrastive matrix and
+the resource terms use the global batch (all-gather), every loss is a global mean, and router
+gradients are summed across processes, so N processes compute what one process computes on the
+whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from aptp.core.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from aptp.core.errors import ConfigError
+from aptp.core.interfaces import Pruner
+from aptp.pruners import objectives as O
+from aptp.pruners.training import DataConfig, JsonlLogger, TrainContext, global_batch_indices, prepare_context
+from aptp.routers import distributed as D
+from aptp.routers.losses import contrastive_loss, resource_loss, spread_losses
+
+
+@dataclass
+class Phase1Weights:
+    denoise: float = 1.0
+    distill: float = 0.2  # output distillation from the dense teacher
+    block: float = 0.2  # block-feature distillation
+    resource: float = 2.0
+    spread: float = 0.1  # each of -std(r) and 1 - max(r)
+    contrastive: float = 100.0
+
+
+@dataclass
+class Phase2Config:
+    steps: int = 30_000  # fine-tuning steps per expert
+    batch_size: int = 64
+    lr: float = 1e-5  # times sqrt(global batch) when scale_lr
+    denoise: float = 1.0
+    distill: float = 0.2
+    block: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"phase2 needs steps >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}.")
+
+
+@dataclass
+class AptpPrunerConfig:
+    """APTP's two phases; defaults are the paper's recipe."""
+
+    target_ratio: float = 0.6  # kept MACs of the whole model, batch mean
+    steps: int = 5000  # phase 1
+    warmup_steps: int = 500  # predictor warm-up: predicted soft gates, no codes, no OT
+    batch_size: int = 64  # global batch
+    lr: float = 2e-4  # times sqrt(global batch) when scale_lr
+    scale_lr: bool = True
+    weight_decay: float = 0.0
+    contrastive_tau: float = 0.03
+    min_snr_gamma: Optional[float] = 5.0
+    weights: Phase1Weights = field(default_factory=Phase1Weights)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint_every: int = 100
+    log_every: int = 10
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_ratio <= 1.0:
+            raise ValueError(f"target_ratio={self.target_ratio} must be in (0, 1] (the paper: 0.6 to 0.85).")
+        if self.steps < 0 or not 0 <= self.warmup_steps:
+            raise ValueError(f"steps={self.steps} and warmup_steps={self.warmup_steps} must be >= 0.")
+        if self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("batch_size, checkpoint_every and log_every must be >= 1.")
+
+
+class AptpPruner(Pruner):
+    """APTP: learn a prompt router and K architecture codes, then cut and fine-tune K experts."""
+
+    config_class = AptpPrunerConfig
+
+    def run(self, composition, output_dir: Path) -> dict[str, Any]:
+        output_dir = Path(output_dir)
+        ctx = prepare_context(composition, self.config.data, output_dir, progress=self.config.progress,
+                              min_snr_gamma=self.config.min_snr_gamma)
+        router = composition.require("router")
+        if not hasattr(router, "bind") or not hasattr(router, "code_gates"):
+            raise ConfigError(
+                f"pruner 'aptp' learns architecture codes and needs router 'ot', got a "
+                f"{type(router).__name__}; use pruner=static for routers that do not learn codes."
+            )
+        router.bind(ctx.unit_space, ctx.encoder.dim)
+        phase1 = self.phase1(ctx, router)
+        phase2 = self.phase2(ctx, router)
+        ctx.save_bundle(router, router.architectures())
+        return {**phase1, **phase2, "output_dir": str(output_dir)}
+
+    # --------------------------------------------------------------------------------- phase 1
+    def phase1(self, ctx: TrainContext, router) -> dict[str, Any]:
+        c = self.config
+        balancer = ctx.composition.require("balancer")
+        lr = c.lr * (math.sqrt(c.batch_size) if c.scale_lr else 1.0)
+        opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=c.weight_decay)
+        ckpt_dir = ctx.output_dir / "checkpoints" / "phase1"
+        start = 0
+        if c.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
+            start, state = found
+            router.load_state_tensors(state["router"])
+            opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=c.weight_decay)
+            opt.load_state_dict(state["opt"])
+            set_rng_state(state["rng"])
+            ctx.log(f"phase 1: resumed from step {start}")
+        log = JsonlLogger(ctx.output_dir / "phase1.jsonl", enabled=ctx.is_main)
+        bar = tqdm(range(start, c.steps), desc="APTP phase 1", disable=not (c.progress and ctx.is_main),
+                   initial=start, total=c.steps)
+        w = c.weights
+        last: dict[str, float] = {}
+        for step in bar:
+            batch = ctx.batch(global_batch_indices(len(ctx.dataset), c.batch_size, ctx.seed, step), step)
+            warm = step < c.warmup_steps
+            z = batch.z  # (b, D) local rows
+            e = router.predict(z)  # (b, U)
+            if warm:
+                g = router.predicted_gates(z, noise=False, hard=False)  # (b, U) soft, no quantisation
+                expert = torch.full((z.shape[0],), -1, dtype=torch.long)
+            else:
+                with torch.no_grad():
+                    scores = router.scores(z)  # (b, K)
+                    expert = balancer.assign(scores)  # (b,) balanced over the global batch
+                g = router.code_gates(noise=True, hard=False)[expert]  # (b, U)
+            student, teacher, f_s, f_t = ctx.forward_pair(batch, g)
+            n = c.batch_size  # global batch: every term below is a global mean
+            l_denoise = (O.per_sample_mse(student, batch.target) * batch.snr_weight).sum() / n
+            l_distill = O.per_sample_mse(student, teacher).sum() / n
+            l_block = sum(O.per_sample_mse(s, t).sum() for s, t in zip(f_s, f_t)) / n
+            r_local = ctx.unit_space.macs_ratio(g)  # (b,)
+            r, _ = D.all_gather_rows(r_local)  # (B,) global, gradient through the local rows
+            l_res = resource_loss(r, c.target_ratio)
+            l_spread = sum(spread_losses(r))
+            # Mean over this process's rows (columns span the global batch), scaled to its share
+            # of the global mean.
+            l_con = contrastive_loss(e, z, tau=c.contrastive_tau) * (z.shape[0] / n)
+            loss = (w.denoise * l_denoise + w.distill * l_distill + w.block * l_block + w.resource * l_res
+                    + w.spread * l_spread + w.contrastive * l_con)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sum_gradients(router.parameters())
+            opt.step()
+            if step % c.log_every == 0 or step == c.steps - 1:
+                with torch.no_grad():
+                    load = torch.bincount(D.all_gather_rows(expert.clamp(min=0), keep_grad=False)[0],
+                                          minlength=router.num_experts)
+                    code_r = ctx.unit_space.macs_ratio(router.architectures())
+                last = {"step": step, "loss": loss.item(), "denoise": l_denoise.item(), "distill": l_distill.item(),
+                        "block": float(l_block), "resource": l_res.item(), "contrastive": l_con.item(),
+                        "mean_ratio": r.mean().item(), "warmup": warm,
+                        "load": load.tolist() if not warm else None, "code_ratios": code_r.tolist()}
+                log.write(last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", ratio=f"{last['mean_ratio']:.3f}")
+            if (step + 1) % c.checkpoint_every == 0 or step == c.steps - 1:
+                if ctx.is_main:
+                    save_checkpoint(ckpt_dir, step + 1, {"router": router.state_tensors(),
+                                                         "opt": opt.state_dict(), "rng": rng_state()})
+                ctx.barrier()
+        code_ratios = ctx.unit_space.macs_ratio(router.architectures())
+        return {"phase1_steps": c.steps, "expert_macs_ratios": [round(float(x), 4) for x in code_ratios],
+                "phase1_last": last}
+
+    # --------------------------------------------------------------------------------- phase 2
+    def phase2(self, ctx: TrainContext, router) -> dict[str, Any]:
+        p = self.config.phase2
+        archs = router.architectures()  # (K, U)
+        with torch.no_grad():
+            router.eval()
+            ids = router.route(ctx.all_embeddings()).expert_ids  # (N,) inference routing
+        summary: dict[str, Any] = {"routed_load": torch.bincount(ids, minlength=router.num_experts).tolist()}
+        losses = {}
+        for k in range(router.num_experts):
+            members = (ids == k).nonzero().flatten()
+            if len(members) == 0:
+                ctx.log(f"expert {k}: no training prompt is routed to it; fine-tuning on all prompts")
+                members = torch.arange(len(ctx.dataset))
+            losses[k] = ctx.finetune_expert(k, archs[k], members, steps=p.steps, batch_size=p.batch_size,
+                                            lr=p.lr * (math.sqrt(p.batch_size) if self.config.scale_lr else 1.0),
+                                            weights=(p.denoise, p.distill, p.block),
+                                            resume=self.config.resume)
+        summary["phase2_distill_first_last"] = losses
+        return summary
+
+
+def sum_gradients(params) -> None:
+    """All-reduce (sum) gradients across processes: every loss is already a global mean."""
+    if not D.is_distributed():
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)

@@ -1,0 +1,70 @@
+"""Static (one-shot) pruning: route with a fixed router (``single`` for the classic static
+baseline, ``kmeans`` for routing without learned codes), choose each expert's architecture with an
+assignment (magnitude, Taylor, random) at the budget, cut, fine-tune with the dense teacher."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aptp.core.interfaces import AssignmentContext, Pruner
+from aptp.pruners.aptp import Phase2Config
+from aptp.pruners.training import DataConfig, prepare_context
+
+
+@dataclass
+class StaticPrunerConfig:
+    """One-shot pruning at a kept-MACs budget, then fine-tuning (phase 2 of APTP, same budget)."""
+
+    target_ratio: float = 0.6
+    finetune: Phase2Config = field(default_factory=Phase2Config)
+    data: DataConfig = field(default_factory=DataConfig)
+    scale_lr: bool = True
+    min_snr_gamma: float = 5.0
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_ratio <= 1.0:
+            raise ValueError(f"target_ratio={self.target_ratio} must be in (0, 1].")
+
+
+class StaticPruner(Pruner):
+    """Static pruning: a fixed router and an importance criterion instead of learned codes."""
+
+    config_class = StaticPrunerConfig
+
+    def run(self, composition, output_dir: Path) -> dict[str, Any]:
+        c = self.config
+        ctx = prepare_context(composition, c.data, Path(output_dir), progress=c.progress,
+                              min_snr_gamma=c.min_snr_gamma)
+        router = composition.require("router")
+        assignment = composition.require("assignment")
+        embeddings = ctx.all_embeddings()  # (N, D)
+        router.fit(embeddings)
+        router.eval()
+        with torch.no_grad():
+            ids = router.route(embeddings).expert_ids  # (N,)
+        archs = assignment.architectures(AssignmentContext(
+            unit_space=ctx.unit_space, num_experts=router.num_experts, target_ratio=c.target_ratio,
+            denoiser=ctx.denoiser, router=router,
+            extra={"granularities": ctx.granularities, "train_context": ctx, "expert_ids": ids},
+        ))  # (K, U)
+        losses = {}
+        for k in range(router.num_experts):
+            members = (ids == k).nonzero().flatten()
+            if len(members) == 0:
+                members = torch.arange(len(ctx.dataset))
+            f = c.finetune
+            losses[k] = ctx.finetune_expert(k, archs[k], members, steps=f.steps, batch_size=f.batch_size,
+                                            lr=f.lr * (math.sqrt(f.batch_size) if c.scale_lr else 1.0),
+                                            weights=(f.denoise, f.distill, f.block), resume=c.resume)
+        ctx.save_bundle(router, archs)
+        ratios = ctx.unit_space.macs_ratio(archs)
+        return {"expert_macs_ratios": [round(float(r), 4) for r in ratios],
+                "routed_load": torch.bincount(ids, minlength=router.num_experts).tolist(),
+                "phase2_distill_first_last": losses, "output_dir": str(output_dir)}

@@ -1,0 +1,315 @@
+"""What the pruning procedures share: data, the frozen backbone with gates, a global-batch
+sampler that gives N processes the same work as one, expert fine-tuning, and run artefacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from omegaconf import OmegaConf
+
+from aptp.core.build import replace_dir
+from aptp.core.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from aptp.core.units import UnitSpace
+from aptp.pruners import objectives as O
+from aptp.pruners.gating import Gates, build_unit_space, cut_model
+from aptp.routers import distributed as D
+
+DATA_SOURCES = ("world", "coco", "tsv", "folder", "webdataset")
+
+
+@dataclass
+class DataConfig:
+    """Where training images and captions come from."""
+
+    source: str = "world"  # world (the embedded default) | coco | tsv | folder | webdataset
+    path: Optional[str] = None  # coco: annotations JSON; tsv: the TSV; folder: the folder; webdataset: a shard
+    image_dir: Optional[str] = None  # coco: the image folder; tsv: root of relative image paths
+    num_samples: int = 2048  # world: how many samples to draw; others: at most this many (0 = all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"data.source={self.source!r} must be one of {', '.join(DATA_SOURCES)}.")
+        if self.source != "world" and not self.path:
+            raise ValueError(f"data.source={self.source!r} needs data.path (a local file or folder).")
+        if self.num_samples < 0:
+            raise ValueError(f"data.num_samples={self.num_samples} must be >= 0.")
+
+
+def load_dataset(cfg: DataConfig, resolution: int):
+    """A map-style dataset of ``{"image": (3, R, R) in [-1, 1], "caption": str}``."""
+    from aptp.data import captions as C
+
+    if cfg.source == "world":
+        from aptp.data.world import World, WorldConfig, WorldDataset
+
+        world = World(WorldConfig(image_size=resolution))
+        return _Renamed(WorldDataset(world, length=cfg.num_samples or 2048, seed=cfg.seed))
+    if cfg.source == "coco":
+        ds = C.coco_captions(cfg.path, cfg.image_dir or Path(cfg.path).parent, resolution)
+    elif cfg.source == "tsv":
+        ds = C.tsv_captions(cfg.path, cfg.image_dir, resolution)
+    elif cfg.source == "folder":
+        ds = C.folder_captions(cfg.path, resolution)
+    else:
+        ds = C.webdataset_captions([cfg.path], resolution)
+    if cfg.num_samples and len(ds) > cfg.num_samples:
+        ds.records = ds.records[: cfg.num_samples]
+    return ds
+
+
+class _Renamed:
+    """World items (``pixel_values``) under the caption datasets' keys (``image``)."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.ds[i]
+        return {"image": item["pixel_values"], "caption": item["caption"]}
+
+    @property
+    def captions(self) -> list[str]:
+        return [self.ds.world.sample_one(self.ds.seed, i, self.ds.kind).caption for i in range(len(self.ds))]
+
+
+def global_batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Dataset indices of global batch ``step`` (B,): epochs of seeded permutations, same on every process."""
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    if n >= batch_size:
+        return perm[pos * batch_size:(pos + 1) * batch_size]
+    return perm[torch.arange(batch_size) % n]
+
+
+def local_rows(batch_size: int) -> slice:
+    """This process's contiguous share of a global batch of ``batch_size`` rows."""
+    w, r = D.world_size(), D.rank()
+    per = math.ceil(batch_size / w)
+    return slice(min(r * per, batch_size), min((r + 1) * per, batch_size))
+
+
+def step_generator(seed: int, step: int, salt: str) -> torch.Generator:
+    h = int(hashlib.sha256(f"{seed}/{step}/{salt}".encode()).hexdigest()[:15], 16)
+    return torch.Generator().manual_seed(h)
+
+
+@dataclass
+class Batch:
+    """This process's rows of a global batch, ready for a gated forward."""
+
+    captions: list[str]
+    z: torch.Tensor  # (b, D) prompt embeddings
+    text: torch.Tensor  # (b, L, D_text) text-encoder states
+    x_t: torch.Tensor  # (b, C, H, W) noised sample
+    t: torch.Tensor  # (b,) timesteps
+    target: torch.Tensor  # (b, C, H, W) what the denoiser should predict
+    snr_weight: torch.Tensor  # (b,) Min-SNR weights
+
+
+class JsonlLogger:
+    """Appends one JSON object per line (the run's metrics log)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+class TrainContext:
+    """The frozen dense model with gates installed, the data, and the run folder."""
+
+    def __init__(self, composition, data: DataConfig, output_dir: Path, progress: bool = True,
+                 min_snr_gamma: float | None = 5.0) -> None:
+        from accelerate import PartialState
+
+        self.state = PartialState()  # initialises torch.distributed under torchrun / accelerate launch
+        self.composition = composition
+        self.output_dir = Path(output_dir)
+        self.progress = progress
+        self.seed = composition.seed
+        self.min_snr_gamma = min_snr_gamma
+        self.backbone = composition.require("backbone")
+        self.granularities = composition.require("granularity")
+        self.encoder = composition.require("encoder")
+        self.modules = self.backbone.load(device=self.state.device)
+        self.denoiser = self.modules.denoiser.eval().requires_grad_(False)
+        for m in (self.modules.text_encoder, self.modules.vae):
+            if m is not None:
+                m.eval().requires_grad_(False)
+        self.conditioning = self.backbone.conditioning()
+        self.unit_space: UnitSpace = build_unit_space(self.denoiser, self.granularities, self.conditioning)
+        self.gates = Gates(self.denoiser, self.unit_space, self.granularities)
+        self.features = O.FeatureRecorder(self.backbone.feature_modules(self.denoiser))
+        self.dataset = load_dataset(data, self._pixel_resolution())
+        if len(self.dataset) == 0:
+            raise ValueError(f"the training data ({data.source}: {data.path}) holds no sample.")
+        self._captions: list[str] | None = None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def _pixel_resolution(self) -> int:
+        c, h, w = self.conditioning.sample_shape
+        vae = self.modules.vae
+        return h * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    def barrier(self) -> None:
+        if D.is_distributed():
+            dist.barrier()
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+    @property
+    def captions(self) -> list[str]:
+        if self._captions is None:
+            self._captions = list(self.dataset.captions)
+        return self._captions
+
+    @torch.no_grad()
+    def all_embeddings(self) -> torch.Tensor:
+        """Prompt embeddings of the whole training set, (N, D)."""
+        return self.encoder.encode(self.captions)
+
+    # --- one batch -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def batch(self, global_indices: torch.Tensor, step: int, subset: torch.Tensor | None = None) -> Batch:
+        """Noise, timesteps and targets of a global batch, drawn for all its rows from a seeded
+        stream (so the split over processes does not change them), keeping this process's rows."""
+        idx = global_indices if subset is None else subset[global_indices]
+        n = len(idx)
+        scheduler = self.modules.scheduler
+        c, h, w = self.conditioning.sample_shape
+        g = step_generator(self.seed, step, "noise")
+        noise = torch.randn((n, c, h, w), generator=g)  # (B, C, H, W)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g)  # (B,)
+        rows = local_rows(n)
+        items = [self.dataset[int(i)] for i in idx[rows]]
+        device, dtype = self.state.device, next(self.denoiser.parameters()).dtype
+        images = torch.stack([it["image"] for it in items]).to(device, dtype)
+        x0 = self.backbone.to_latents(self.modules, images)  # (b, C, H, W)
+        noise, t = noise[rows].to(device, dtype), t[rows].to(device)
+        captions = [it["caption"] for it in items]
+        return Batch(
+            captions=captions,
+            z=self.encoder.encode(captions).to(device),
+            text=self.backbone.encode_prompts(self.modules, captions).to(device, dtype),
+            x_t=scheduler.add_noise(x0, noise, t),
+            t=t,
+            target=O.training_target(scheduler, x0, noise, t),
+            snr_weight=O.min_snr_weights(scheduler, t, self.min_snr_gamma),
+        )
+
+    def forward_pair(self, batch: Batch, gates: torch.Tensor):
+        """(student, teacher, student features, teacher features): the gated and the ungated
+        forward of the same weights. Only the student keeps a graph."""
+        self.gates.clear()
+        self.features.take()
+        with torch.no_grad():
+            teacher = self.backbone.denoise(self.denoiser, batch.x_t, batch.t, batch.text)
+        f_t = self.features.take()
+        self.gates.set(gates)
+        student = self.backbone.denoise(self.denoiser, batch.x_t, batch.t, batch.text)
+        f_s = self.features.take()
+        self.gates.clear()
+        return student, teacher, f_s, f_t
+
+    # --- experts ---------------------------------------------------------------------------------
+    def finetune_expert(self, k: int, arch: torch.Tensor, members: torch.Tensor, steps: int, batch_size: int,
+                        lr: float, weights: tuple[float, float, float], resume: bool = True) -> list[float]:
+        """Cut expert ``k`` from the dense weights, fine-tune it on dataset rows ``members`` with the
+        dense model as teacher, save it under ``experts/expert-k``. Returns [first, last] distillation loss."""
+        from aptp.pruners.expert import save_expert
+
+        w_d, w_o, w_b = weights
+        expert = cut_model(self.denoiser, self.unit_space, self.granularities, arch)
+        expert.train().requires_grad_(True)
+        opt = torch.optim.AdamW(expert.parameters(), lr=lr)
+        ckpt_dir = self.output_dir / "checkpoints" / f"expert-{k}"
+        start = 0
+        if resume and (found := latest_checkpoint(ckpt_dir)) is not None:
+            start, state = found
+            expert.load_state_dict(state["expert"])
+            opt.load_state_dict(state["opt"])
+            set_rng_state(state["rng"])
+        recorder = O.FeatureRecorder(self.backbone.feature_modules(expert))
+        log = JsonlLogger(self.output_dir / "phase2.jsonl", enabled=self.is_main)
+        history: list[float] = []
+        bar = tqdm(range(start, steps), desc=f"expert {k} fine-tune", disable=not (self.progress and self.is_main),
+                   initial=start, total=steps)
+        self.gates.clear()
+        for step in bar:
+            idx = global_batch_indices(len(members), batch_size, self.seed + 7919 * (k + 1), step)
+            batch = self.batch(idx, step + 1_000_000 * (k + 1), subset=members)
+            self.features.take()
+            with torch.no_grad():
+                teacher = self.backbone.denoise(self.denoiser, batch.x_t, batch.t, batch.text)
+            f_t = self.features.take()
+            recorder.take()
+            pred = self.backbone.denoise(expert, batch.x_t, batch.t, batch.text)
+            f_s = recorder.take()
+            n = batch_size
+            l_d = (O.per_sample_mse(pred, batch.target) * batch.snr_weight).sum() / n
+            l_o = O.per_sample_mse(pred, teacher).sum() / n
+            l_b = sum(O.per_sample_mse(s, t).sum() for s, t in zip(f_s, f_t)) / n
+            loss = w_d * l_d + w_o * l_o + w_b * l_b
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if D.is_distributed():
+                for p in expert.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+            opt.step()
+            history.append(l_o.item())
+            log.write({"expert": k, "step": step, "loss": loss.item(), "denoise": l_d.item(),
+                       "distill": l_o.item(), "block": float(l_b)})
+            bar.set_postfix(distill=f"{history[-1]:.4f}")
+            if self.is_main and ((step + 1) % 100 == 0 or step == steps - 1):
+                save_checkpoint(ckpt_dir, step + 1, {"expert": expert.state_dict(), "opt": opt.state_dict(),
+                                                     "rng": rng_state()})
+        recorder.remove()
+        expert.eval().requires_grad_(False)
+        if self.is_main:
+            final = self.output_dir / "experts" / f"expert-{k}"
+            tmp = final.with_name(f".{final.name}.tmp")
+            save_expert(tmp, expert, arch, self.unit_space, self.granularities, self.conditioning,
+                        backbone=OmegaConf.to_container(self.composition.config.backbone, resolve=True))
+            replace_dir(tmp, final)
+        self.barrier()
+        return [history[0], history[-1]] if history else []
+
+    def save_bundle(self, router, architectures: torch.Tensor) -> Path | None:
+        """The router bundle (encoder + router + architectures + unit space) under ``router/``."""
+        from aptp.routers.bundle import save_router_bundle
+
+        if not self.is_main:
+            return None
+        return save_router_bundle(self.output_dir / "router", self.encoder, router,
+                                  unit_space=self.unit_space, architectures=architectures)
+
+
+def prepare_context(composition, data: DataConfig, output_dir: Path, progress: bool = True,
+                    min_snr_gamma: float | None = 5.0) -> TrainContext:
+    return TrainContext(composition, data, output_dir, progress, min_snr_gamma)
