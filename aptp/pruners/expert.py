@@ -1,0 +1,116 @@
+"""Experts on disk: a cut denoiser saved so that it loads without aptp's training code.
+
+An expert folder::
+
+    config.json                            the dense UNet's diffusers config (what the cut started from)
+    diffusion_pytorch_model.safetensors    the cut model's own weights (``save_pretrained`` layout)
+    aptp_expert.json                       architecture (U,), unit space, granularities, backbone config
+
+diffusers' UNet config cannot express per-block widths (e.g. ResNet inner channels), so
+``UNet2DConditionModel.from_pretrained(folder)`` refuses the weights (size mismatch) rather than
+loading them wrongly. :func:`load_expert` builds the dense model from ``config.json`` on the
+``meta`` device (no memory), cuts it to the stored architecture and assigns the stored weights:
+the result is a plain ``UNet2DConditionModel`` for ``pipe.unet = expert``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from aptp.core.config import config_to_dict
+from aptp.core.errors import IncompatibleError
+from aptp.core.interfaces import Conditioning, Granularity
+from aptp.core.units import UnitSpace
+from aptp.pruners.gating import build_unit_space, cut_model, kind_of
+
+EXPERT_FILE = "aptp_expert.json"
+EXPERT_FORMAT = 1
+
+
+def save_expert(directory: str | Path, expert: nn.Module, architecture: torch.Tensor, space: UnitSpace,
+                granularities: list[Granularity], conditioning: Conditioning,
+                backbone: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``expert`` (a cut diffusers model, e.g. from :func:`cut_model`) and how to rebuild it."""
+    directory = Path(directory)
+    space.check(architecture)
+    expert.save_pretrained(str(directory), safe_serialization=True)
+    arch = (architecture.detach().cpu() >= 0.5).to(torch.float32)
+    meta = {
+        "format": EXPERT_FORMAT,
+        "architecture": [int(a) for a in arch.tolist()],
+        "kept_macs": float(space.kept_macs(arch)),
+        "macs_ratio": float(space.macs_ratio(arch)),
+        "kept_params": float(space.kept_params(arch)),
+        "conditioning": {"sample_shape": list(conditioning.sample_shape), "text_len": conditioning.text_len,
+                         "text_dim": conditioning.text_dim},
+        "granularities": [{"name": kind_of(g), **config_to_dict(g.config)} for g in granularities],
+        "backbone": backbone,
+        "unit_space": space.to_dict(),
+        "extra": extra or {},
+    }
+    (directory / EXPERT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return directory
+
+
+def read_expert_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / EXPERT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not an aptp expert: {EXPERT_FILE} is missing (write one with save_expert).")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != EXPERT_FORMAT:
+        raise IncompatibleError(f"{path} has format {meta.get('format')}; this aptp reads format {EXPERT_FORMAT}.")
+    return meta
+
+
+def _granularities(specs: list[dict[str, Any]]) -> list[Granularity]:
+    from aptp.core.plugins import default_registry
+
+    reg = default_registry()["granularity"]
+    out = []
+    for s in specs:
+        params = dict(s)
+        spec = reg.get(params.pop("name"))
+        out.append(spec.build(spec.config_class(**params)))
+    return out
+
+
+def _state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single = directory / "diffusion_pytorch_model.safetensors"
+    if single.is_file():
+        return load_file(str(single))
+    index = directory / "diffusion_pytorch_model.safetensors.index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{directory} holds no diffusion_pytorch_model.safetensors (nor a sharded index).")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(str(directory / shard)))
+    return state
+
+
+def load_expert(directory: str | Path, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a saved expert: dense UNet from config (meta) -> cut to the stored architecture -> weights."""
+    from diffusers import UNet2DConditionModel
+
+    directory = Path(directory)
+    meta = read_expert_meta(directory)
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(directory)))
+    grans = _granularities(meta["granularities"])
+    c = meta["conditioning"]
+    cond = Conditioning(tuple(c["sample_shape"]), int(c["text_len"]), int(c["text_dim"]))
+    space = build_unit_space(model, grans, cond)
+    space.require_same(meta["unit_space"]["fingerprint"], f"expert {directory}")
+    model = cut_model(model, space, grans, torch.tensor(meta["architecture"], dtype=torch.float32), inplace=True)
+    model.load_state_dict(_state_dict(directory), strict=True, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise IncompatibleError(f"expert {directory} has no weights for {left[:5]}; the folder is incomplete.")
+    return model.to(device=device, dtype=dtype).eval()
