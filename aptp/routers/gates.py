@@ -27,10 +27,21 @@ def logistic_noise(shape: torch.Size | tuple[int, ...], like: torch.Tensor,
     return torch.log(u) - torch.log1p(-u)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Exactly 0/1 forward (``hard + soft - soft.detach()`` is not, in floating point); identity backward."""
+
+    @staticmethod
+    def forward(ctx, soft: torch.Tensor, threshold: float) -> torch.Tensor:  # noqa: ANN001
+        return (soft >= threshold).to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return grad, None
+
+
 def straight_through(soft: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Forward: ``1[soft >= threshold]``; backward: the gradient of ``soft``."""
-    hard = (soft >= threshold).to(soft.dtype)
-    return hard + soft - soft.detach()
+    """Forward: ``1[soft >= threshold]`` exactly; backward: the gradient of ``soft``."""
+    return _StraightThrough.apply(soft, threshold)
 
 
 def gumbel_sigmoid(logits: torch.Tensor, tau: float = 0.4, offset: float = 3.0, noise: bool = False,

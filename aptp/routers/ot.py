@@ -118,11 +118,13 @@ class OTRouter(Router):
 
     def predicted_gates(self, z: torch.Tensor, noise: bool = False, hard: bool = True) -> torch.Tensor:
         """Gates (B, U) of the predicted architectures (straight-through when hard)."""
+        self._require_bound()
         c = self.config
         return self.layout.gates(self.predict(z), c.tau, c.offset, noise=noise, hard=hard)
 
     def code_gates(self, noise: bool = False, hard: bool = True) -> torch.Tensor:
         """Gates (K, U) of the codes (straight-through when hard)."""
+        self._require_bound()
         c = self.config
         return self.layout.gates(self.code_logits(), c.tau, c.offset, noise=noise, hard=hard)
 
@@ -133,7 +135,8 @@ class OTRouter(Router):
 
     def scores(self, z: torch.Tensor, noise: bool = False) -> torch.Tensor:
         """Cosine similarity of group-normalised hard gates, prompts vs codes, (B, K)."""
-        w = self.layout.group_weight.to(self.codes.weight) if self.bound else None
+        self._require_bound()
+        w = self.layout.group_weight.to(self.codes.weight)  # (U,)
         g_pred = self.predicted_gates(z, noise=noise) * w  # (B, U)
         g_code = self.code_gates(noise=noise) * w  # (K, U)
         return F.normalize(g_pred, dim=-1, eps=1e-8) @ F.normalize(g_code, dim=-1, eps=1e-8).T  # (B, K)
