@@ -41,3 +41,35 @@ def skewed_scores(B: int, K: int, seed: int = 0) -> torch.Tensor:
     s = torch.rand(B, K, generator=g) * 2 - 1
     s[:, 0] += 0.8
     return s.clamp(-1, 1)
+
+
+SPLIT = (37, 27)  # rows per process in the distributed test: unequal on purpose
+
+
+def distributed_worker(rank: int, world: int, init_file: str, scores: torch.Tensor, e: torch.Tensor,
+                       z: torch.Tensor, out_dir: str) -> None:
+    """One process of the distributed balancer test: plans and contrastive loss on its rows."""
+    import torch.distributed as dist
+
+    from aptp.routers.balancers import (
+        EmdBalancer,
+        GreedyBalancer,
+        PotSinkhornBalancer,
+        SinkhornBalancer,
+        SinkhornConfig,
+    )
+    from aptp.routers.losses import contrastive_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        start = sum(SPLIT[:rank])
+        rows = slice(start, start + SPLIT[rank])
+        balancers = {"sinkhorn": SinkhornBalancer(), "pot": PotSinkhornBalancer(), "emd": EmdBalancer(),
+                     "greedy": GreedyBalancer(),
+                     "sinkhorn-tol": SinkhornBalancer(SinkhornConfig(tolerance=1e-3))}
+        out = {name: b.plan(scores[rows]) for name, b in balancers.items()}
+        out["contrastive"] = contrastive_loss(e[rows], z[rows], tau=0.1).detach()
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
