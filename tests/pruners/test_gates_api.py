@@ -1,0 +1,85 @@
+"""Gate batching rules, errors and registration of the granularities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_arch
+
+from aptp.core.config import compose
+from aptp.core.errors import ConfigError, ShapeError
+from aptp.core.plugins import default_registry
+from aptp.pruners.gating import Gates, build_unit_space, cut_model
+
+
+def _run(unet, x, t, text):
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
+
+
+def test_gate_rows_tile_under_classifier_free_guidance(tiny_unet, tiny_inputs, tiny_spaces):
+    space, grans = tiny_spaces["all"]
+    x, t, text = tiny_inputs
+    archs = torch.stack([random_arch(space.size, 1, 0.3), random_arch(space.size, 2, 0.6)])  # (2, U)
+    x2, t2 = torch.cat([x[:2], x[:2]]), torch.cat([t[:2], t[:2]])
+    text2 = torch.cat([torch.zeros_like(text[:2]), text[:2]])  # cat([uncond, cond]) as diffusers does
+    with Gates(tiny_unet, space, grans) as gates:
+        gates.set(archs)
+        tiled = _run(tiny_unet, x2, t2, text2)  # batch 4, gates batch 2
+        gates.set(torch.cat([archs, archs]))
+        explicit = _run(tiny_unet, x2, t2, text2)
+    assert torch.equal(tiled, explicit)
+
+
+def test_gate_batch_mismatch_is_a_shape_error(tiny_unet, tiny_inputs, tiny_spaces):
+    space, grans = tiny_spaces["ffn"]
+    x, t, text = tiny_inputs  # batch 3
+    with Gates(tiny_unet, space, grans) as gates:
+        gates.set(torch.ones(2, space.size))
+        with pytest.raises(ShapeError, match="batch 2"):
+            _run(tiny_unet, x, t, text)
+        with pytest.raises(ShapeError, match=str(space.size)):
+            gates.set(torch.ones(3, space.size + 1))
+
+
+def test_cut_model_checks_its_inputs(tiny_unet, tiny_spaces):
+    space, grans = tiny_spaces["all"]
+    with pytest.raises(ShapeError):
+        cut_model(tiny_unet, space, grans, torch.ones(2, space.size))
+    with pytest.raises(ConfigError, match="no granularity 'depth'"):
+        cut_model(tiny_unet, space, [g for g in grans if g.kind != "depth"], torch.ones(space.size))
+
+
+def test_granularities_are_registered_and_presets_compose(tiny_backbone, tiny_unet):
+    reg = default_registry()
+    assert {"resnet_channels", "attention_heads", "ffn", "depth"} <= set(reg["granularity"].names())
+    assert "unet" in reg["backbone"]
+    sizes = {}
+    for preset in ("resnet_channels", "attention_heads", "ffn", "depth", "width", "both"):
+        cfg = compose({"defaults": [{"granularity": preset}, {"backbone": "tiny"}]})
+        grans = []
+        for section in cfg.granularity:
+            spec = reg["granularity"].get(section["name"])
+            params = {k: v for k, v in section.items() if k != "name"}
+            grans.append(spec.build(spec.config_class(**params)))
+        sizes[preset] = build_unit_space(tiny_unet, grans, tiny_backbone.conditioning()).size
+    assert sizes["width"] == sizes["resnet_channels"] + sizes["attention_heads"] + sizes["ffn"]
+    assert sizes["both"] == sizes["width"] + sizes["depth"]
+
+
+def test_bad_granularity_configs_say_what_to_do():
+    from aptp.pruners.granularities import AttentionHeadsConfig, DepthConfig, FFNConfig
+
+    with pytest.raises(ValueError, match="which='all'"):
+        AttentionHeadsConfig(which="all")
+    with pytest.raises(ValueError, match="num_units=0"):
+        FFNConfig(num_units=0)
+    with pytest.raises(ValueError, match="no units"):
+        DepthConfig(resnets=False, transformers=False)
+
+
+def test_ffn_units_must_divide_width(tiny_backbone, tiny_unet):
+    from aptp.pruners.granularities import FFN, FFNConfig
+
+    with pytest.raises(ValueError, match="num_units=7"):
+        build_unit_space(tiny_unet, [FFN(FFNConfig(num_units=7))], tiny_backbone.conditioning())
