@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
     p.add_argument("--fp32-export", action="store_true", help="export fp32 weights (default fp16, half the size)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the README's reproduce command
     for name in ("steps", "batch_size", "ckpt_every", "export_every", "log_every", "threads"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
@@ -102,7 +103,7 @@ def export(unet: torch.nn.Module, ema: dict[str, torch.Tensor], out: Path, fp16:
 
 
 def write_readme(out: Path, args: argparse.Namespace, step: int, sec_per_step: float | None) -> None:
-    cmd = "python -m aptp.world.train_base " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = "python -m aptp.world.train_base " + " ".join(shlex.quote(a) for a in args.argv)
     (out / "train_args.json").write_text(
         json.dumps({"command": cmd, "args": {k: str(v) for k, v in vars(args).items()}, "steps_done": step}, indent=2)
     )

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(args.out / "model.safetensors"))
-    cmd = "python -m aptp.world.train_evaluator " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = "python -m aptp.world.train_evaluator " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     report = {
         **model.config,
         "command": cmd,
