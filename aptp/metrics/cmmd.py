@@ -61,6 +61,10 @@ class Cmmd(Metric):
         super().__init__(config)
         self._clip: _clip.LoadedClip | None = None
 
+    def can_probe(self) -> bool:
+        """Never: the contract probe must not load user-provided (and large) weights."""
+        return False
+
     def load(self) -> _clip.LoadedClip:
         """Load the CLIP model (once)."""
         if self._clip is None:

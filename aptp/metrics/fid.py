@@ -73,6 +73,10 @@ class Fid(Metric):
         super().__init__(config)
         self._model: Any = None
 
+    def can_probe(self) -> bool:
+        """Never: the contract probe must not load user-provided (and large) weights."""
+        return False
+
     def load(self) -> Any:
         """Load the TorchScript Inception (once)."""
         if self._model is not None:
