@@ -107,3 +107,21 @@ def _probe_encoder(encoder: Any) -> Any:
     z = encoder.encode(["a red circle", "a small blue square left of a large yellow triangle"])
     assert z.shape == (2, encoder.dim), f"encode must return (B, dim={encoder.dim}), got {tuple(z.shape)}"
     return z
+
+
+@probe("metric")
+def _probe_metric(metric: Any) -> Any:
+    """Metrics that can run here without user-provided weights (``metric.can_probe()`` is true, e.g.
+    the world metrics once the world evaluator is shipped) are computed on fixed random images;
+    the others (FID, CLIP score, CMMD: weights loaded lazily on first compute) are only built."""
+    can_probe = getattr(metric, "can_probe", None)
+    if can_probe is None or not can_probe():
+        return _generic_probe(metric)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 3, 32, 32, generator=g)  # (N, 3, H, W) in [0, 1]
+    reference = torch.rand(8, 3, 32, 32, generator=g)
+    prompts = ["a red circle", "a small blue square on the left", 'the letter "A" in green',
+               "a large yellow triangle at the top"] * 2
+    value = metric.compute(images, prompts, reference=reference)
+    assert isinstance(value, float), f"compute must return a float, got {type(value).__name__}"
+    return value
