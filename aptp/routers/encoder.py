@@ -153,6 +153,7 @@ class SentenceTransformerEncoder(PromptEncoder):
         fresh: dict[str, torch.Tensor] = {}
         if todo:
             bs = self.config.batch_size
+            todo.sort(key=len)  # similar lengths share a batch: less padding (stable: deterministic)
             batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
             bar = None
             if self._show_progress(len(todo), progress):
