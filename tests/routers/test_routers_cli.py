@@ -62,3 +62,20 @@ def test_help_describes_the_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "kept-MACs ratio" in capsys.readouterr().out
+
+
+def test_installed_aptp_route_command(bundle_dir):
+    """The `aptp route` entry point (wired by aptp/cli.py) on a saved bundle."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, _ = bundle_dir
+    exe = Path(sys.executable).with_name("aptp")
+    if not exe.exists():
+        pytest.skip("the aptp console script is not installed next to this interpreter")
+    proc = subprocess.run([str(exe), "route", str(path), "a red cube", "--summary"], capture_output=True,
+                          text=True, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].split() == ["expert", "prompts", "kept"]
+    assert sum(int(line.split()[1]) for line in proc.stdout.splitlines()[1:]) == 1

@@ -166,3 +166,20 @@ def test_unprepared_routers_say_what_to_do(embeddings):
 def test_router_configs_are_checked(cls, bad):
     with pytest.raises(ValueError, match=str(next(iter(bad.values())))):
         cls(**bad)
+
+
+@pytest.mark.parametrize("name", ["ot", "kmeans", "nearest"])
+def test_composition_save_load_restores_a_fitted_router(name, embeddings, registry, tmp_path):
+    """Through aptp's own Composition save/load (config.yaml + state.safetensors)."""
+    from aptp.core.build import Composition, build
+    from aptp.core.config import compose
+
+    fitted = make_router(name, embeddings, registry)
+    section = {"num_experts": fitted.num_experts, **({"offset": fitted.config.offset} if name == "ot" else {})}
+    cfg = compose({"defaults": [{"balancer": "sinkhorn"}, {"router": name}], "router": section}, registry=registry)
+    comp = build(cfg, registry)
+    comp.router.load_state_tensors(fitted.state_tensors())
+    comp.save(tmp_path / "run")
+    again = Composition.load(tmp_path / "run", registry)
+    assert torch.equal(again.router.eval().route(embeddings, again.balancer).expert_ids,
+                       fitted.route(embeddings, comp.balancer).expert_ids)
