@@ -36,13 +36,37 @@ class LoadedClip:
     device: torch.device
 
 
-def _missing(what: str, ref: str, key: str, metric: str, exc: Exception) -> MissingWeightsError:
+def _looks_like_path(ref: str) -> bool:
+    return Path(ref).expanduser().is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1
+
+
+def _missing(what: str, ref: str, key: str, metric: str, exc: Exception, hub_id: str) -> MissingWeightsError:
+    hub_id = hub_id if _looks_like_path(ref) else ref
+    name = Path(hub_id).name
+    detail = str(exc).splitlines()[0] if str(exc) else ""
     return MissingWeightsError(
-        f"{metric}: cannot load the CLIP {what} {ref!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-        "No model hub is reachable here: download the model once where one is (e.g. "
-        f"`huggingface-cli download {ref} --local-dir /path/to/{Path(ref).name}`) and set the metric's "
-        f"`{key}` to that folder (e.g. `metrics[0].{key}=/path/to/{Path(ref).name}`)."
+        f"{metric}: cannot load the CLIP {what} {ref!r} ({type(exc).__name__}: {detail}). "
+        "Download the model once where the Hugging Face hub is reachable (e.g. "
+        f"`huggingface-cli download {hub_id} --local-dir /path/to/{name}`) and set the metric's "
+        f"`{key}` to that folder (e.g. `metrics[0].{key}=/path/to/{name}`)."
     )
+
+
+def _from_pretrained(cls: Any, ref: str, what: str, key: str, metric: str, hub_id: str) -> Any:
+    """``cls.from_pretrained(ref)``: a folder directly; a path that does not exist fails at once; a hub
+    id is looked up in the local cache first and only then on the hub (which retries for ~30 s offline)."""
+    path = Path(ref).expanduser()
+    if _looks_like_path(ref) and not path.exists():
+        raise _missing(what, ref, key, metric, FileNotFoundError(f"{path} does not exist"), hub_id)
+    try:
+        if path.is_dir():
+            return cls.from_pretrained(str(path))
+        try:
+            return cls.from_pretrained(ref, local_files_only=True)
+        except (OSError, ValueError):
+            return cls.from_pretrained(ref)
+    except (OSError, ValueError) as exc:
+        raise _missing(what, ref, key, metric, exc, hub_id) from exc
 
 
 def _preprocessor_dict(ref: str) -> dict[str, Any]:
@@ -57,22 +81,18 @@ def _preprocessor_dict(ref: str) -> dict[str, Any]:
 
 
 def load_clip(model_ref: str, tokenizer_ref: str | None, device: str, with_tokenizer: bool,
-              metric: str) -> LoadedClip:
-    """Load CLIP weights (and the tokenizer, from ``tokenizer_ref`` or the model folder)."""
+              metric: str, hub_id: str) -> LoadedClip:
+    """Load CLIP weights (and the tokenizer, from ``tokenizer_ref`` or the model folder); ``hub_id``
+    is the model the error message suggests downloading when ``model_ref`` is a missing folder."""
     from transformers import AutoTokenizer, CLIPModel
 
-    try:
-        model = CLIPModel.from_pretrained(model_ref).eval().to(device)
-    except (OSError, ValueError) as exc:
-        raise _missing("model", model_ref, "model", metric, exc) from exc
+    model = _from_pretrained(CLIPModel, model_ref, "model", "model", metric, hub_id).eval().to(device)
     model.requires_grad_(False)
     tokenizer = None
     if with_tokenizer:
         ref = tokenizer_ref or model_ref
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(ref)
-        except (OSError, ValueError) as exc:
-            raise _missing("tokenizer", ref, "tokenizer" if tokenizer_ref else "model", metric, exc) from exc
+        tokenizer = _from_pretrained(AutoTokenizer, ref, "tokenizer", "tokenizer" if tokenizer_ref else "model",
+                                     metric, hub_id)
     vision = model.config.vision_config
     pre = _preprocessor_dict(model_ref)
     crop = pre.get("crop_size", vision.image_size)

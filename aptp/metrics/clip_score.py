@@ -67,7 +67,8 @@ class ClipScore(Metric):
         """Load the CLIP model and tokenizer (once)."""
         if self._clip is None:
             c = self.config
-            self._clip = _clip.load_clip(c.model, c.tokenizer, c.device, with_tokenizer=True, metric="clip_score")
+            self._clip = _clip.load_clip(c.model, c.tokenizer, c.device, with_tokenizer=True, metric="clip_score",
+                                         hub_id=ClipScoreConfig.model)
         return self._clip
 
     def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

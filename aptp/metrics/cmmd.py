@@ -69,7 +69,8 @@ class Cmmd(Metric):
         """Load the CLIP model (once)."""
         if self._clip is None:
             c = self.config
-            self._clip = _clip.load_clip(c.model, None, c.device, with_tokenizer=False, metric="cmmd")
+            self._clip = _clip.load_clip(c.model, None, c.device, with_tokenizer=False, metric="cmmd",
+                                         hub_id=CmmdConfig.model)
         return self._clip
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -80,8 +80,10 @@ def test_clip_score_clamps_per_image_or_the_mean(tiny_clip_dir):
 
 def test_clip_score_missing_model_and_bad_config(tmp_path):
     metric = ClipScore(ClipScoreConfig(model=str(tmp_path / "no-clip-here")))  # building loads nothing
-    with pytest.raises(MissingWeightsError, match=r"metrics\[0\]\.model="):
+    with pytest.raises(MissingWeightsError, match=r"metrics\[0\]\.model=") as info:
         metric.compute(rand_images(2), ["a", "b"])
+    assert "does not exist" in str(info.value)
+    assert "huggingface-cli download openai/clip-vit-base-patch32" in str(info.value)
     with pytest.raises(ValueError, match="clamp"):
         ClipScoreConfig(clamp="none")
     with pytest.raises(ValueError, match="one prompt string per image"):
@@ -128,7 +130,7 @@ def test_cmmd_precomputed_reference_embeddings(tiny_clip_dir, tmp_path):
 
 
 def test_cmmd_missing_model_and_bad_config(tmp_path):
-    with pytest.raises(MissingWeightsError, match="model"):
+    with pytest.raises(MissingWeightsError, match="openai/clip-vit-large-patch14-336"):
         Cmmd(CmmdConfig(model=str(tmp_path / "none"))).compute(rand_images(2), ["", ""], reference=rand_images(2))
     with pytest.raises(ValueError, match="sigma"):
         CmmdConfig(sigma=0.0)
