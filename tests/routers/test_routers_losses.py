@@ -71,9 +71,11 @@ def test_contrastive_loss_checks_shapes():
 
 def test_resource_loss():
     r = torch.tensor([0.5, 0.7], requires_grad=True)
-    assert float(resource_loss(r, 0.6)) == pytest.approx(0.0, abs=1e-7)
-    assert float(resource_loss(torch.tensor([0.3]), 0.6)) == pytest.approx(abs(torch.log(torch.tensor(0.5)).item()))
-    resource_loss(torch.tensor([0.9, 0.9], requires_grad=True), 0.6)  # differentiable
+    assert resource_loss(r, 0.6).item() == pytest.approx(0.0, abs=1e-7)
+    assert resource_loss(torch.tensor([0.3]), 0.6).item() == pytest.approx(abs(torch.log(torch.tensor(0.5)).item()))
+    big = torch.tensor([0.9, 0.9], requires_grad=True)
+    resource_loss(big, 0.6).backward()
+    assert (big.grad > 0).all(), "above the target the loss must push the ratio down"
     with pytest.raises(ValueError, match="target"):
         resource_loss(r, 1.5)
 
