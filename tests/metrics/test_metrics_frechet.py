@@ -103,3 +103,23 @@ def test_bad_inputs_are_rejected_with_the_shapes():
         frechet_distance(np.array([np.nan, 0.0]), np.eye(2), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="method"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2), method="svd")
+
+
+def test_property_symmetric_nonnegative_and_zero_on_itself():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=30, deadline=None)
+    @given(st.integers(1, 12), st.integers(0, 2**31 - 1), st.floats(0.01, 100.0))
+    def check(d, seed, spread):
+        rng = np.random.default_rng(seed)
+        a, b = rng.normal(size=(d, d)) * spread, rng.normal(size=(d, d))
+        s1, s2 = a @ a.T, b @ b.T  # PSD, possibly ill-conditioned
+        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+        x = frechet_distance(mu1, s1, mu2, s2)
+        scale = np.trace(s1) + np.trace(s2) + 1.0
+        assert np.isfinite(x) and x >= -1e-9 * scale
+        assert x == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-7, abs=1e-9 * scale)
+        assert abs(frechet_distance(mu1, s1, mu1, s1)) <= 1e-9 * scale
+
+    check()

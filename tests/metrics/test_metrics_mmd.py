@@ -88,3 +88,19 @@ def test_bad_inputs_are_rejected():
         mmd(torch.zeros(3, 2), torch.zeros(3, 2), sigma=0.0)
     with pytest.raises(ValueError, match="at least 2"):
         mmd(torch.zeros(1, 2), torch.zeros(3, 2), unbiased=True)
+
+
+def test_property_biased_mmd_is_nonnegative_symmetric_and_zero_on_itself():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=30, deadline=None)
+    @given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 6), st.integers(0, 2**31 - 1), st.floats(0.1, 50.0))
+    def check(n, m, d, seed, spread):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(n, d, generator=g) * spread, torch.randn(m, d, generator=g)
+        v = mmd(x, y)
+        assert v >= -1e-9 and v == pytest.approx(mmd(y, x), rel=1e-9, abs=1e-9)
+        assert mmd(x, x.clone()) == 0.0
+
+    check()
