@@ -15,12 +15,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import functools
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
+from omegaconf import OmegaConf
 from torch import nn
 
 from aptp.core.interfaces import Backbone, BackboneModules, PromptEncoder, Router
+from aptp.core.registry import Registry
 
 ExpertSource = nn.Module | Callable[[], nn.Module]
 
@@ -61,6 +66,33 @@ class RoutedPipeline:
         self._resident: dict[int, nn.Module] = {k: v for k, v in experts.items() if isinstance(v, nn.Module)}
         self.max_batch_size = max_batch_size
         self.resident = resident
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 max_batch_size: int = 16, resident: bool = True, registry: Registry | None = None) -> RoutedPipeline:
+        """Load the output of ``aptp run`` (``config.yaml``, ``router/``, ``experts/expert-k``); experts
+        are loaded lazily on first use."""
+        from aptp.core.config import instantiate_config, validate
+        from aptp.core.plugins import default_registry
+        from aptp.pruners.expert import load_expert
+        from aptp.routers.bundle import load_router_bundle
+
+        run_dir = Path(run_dir)
+        registry = registry or default_registry()
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir} is not an aptp run folder: config.yaml is missing.")
+        config = validate(OmegaConf.load(run_dir / "config.yaml"), registry, str(run_dir / "config.yaml"))
+        spec = registry["backbone"].get(config.backbone.name)
+        backbone = spec.build(instantiate_config(spec, config.backbone))
+        bundle = load_router_bundle(run_dir / "router", registry)
+        experts: dict[int, ExpertSource] = {}
+        for k in range(bundle.num_experts):
+            folder = run_dir / "experts" / f"expert-{k}"
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{folder} is missing: the run did not finish expert {k} (rerun to resume).")
+            experts[k] = functools.partial(load_expert, folder, device, dtype)
+        return cls(backbone, backbone.load(device=device, dtype=dtype), bundle.encoder, bundle.router, experts,
+                   max_batch_size=max_batch_size, resident=resident)
 
     def expert(self, k: int) -> nn.Module:
         """Expert ``k``, loading it if it is not resident."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,8 @@ def compose(
     composed = OmegaConf.create({})
     for slot, preset in selected.items():
         composed[slot] = _load_yaml(find_preset(SLOTS[slot][0], preset, paths))
+    for slot in choices:  # the experiment tuned another component for this slot: keep what still applies
+        _drop_foreign_keys(raw, composed, slot, registry, source)
     try:
         composed = OmegaConf.merge(composed, raw)
         if values:
@@ -169,6 +172,24 @@ def compose(
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{source}: cannot apply overrides {list(values)}: {exc}") from None
     return validate(composed, registry, source)
+
+
+def _drop_foreign_keys(raw: DictConfig, composed: DictConfig, slot: str, registry: Registry, source: str) -> None:
+    """Remove from the experiment's ``slot`` section the keys the command-line preset's component
+    does not take (e.g. ``router.num_experts`` after ``router=single``), with a warning."""
+    section, preset = raw.get(slot), composed.get(slot)
+    if not isinstance(section, DictConfig) or not isinstance(preset, DictConfig) or "name" not in preset:
+        return
+    if "name" in section:  # the experiment names its own component: nothing to reconcile
+        return
+    kind = SLOTS[slot][0]
+    fields = {f.name for f in dataclasses.fields(registry[kind].get(str(preset.name)).config_class)}
+    for key in [k for k in section if k not in fields]:
+        warnings.warn(
+            f"{source}: '{slot}.{key}' is ignored: {kind} '{preset.name}' (chosen on the command line) has "
+            "no such parameter.", stacklevel=3,
+        )
+        del section[key]
 
 
 def _check_slot(slot: Any, source: str) -> None:

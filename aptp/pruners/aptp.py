@@ -37,7 +37,14 @@ from aptp.core.checkpoint import latest_checkpoint, rng_state, save_checkpoint, 
 from aptp.core.errors import ConfigError
 from aptp.core.interfaces import Pruner
 from aptp.pruners import objectives as O
-from aptp.pruners.training import DataConfig, JsonlLogger, TrainContext, global_batch_indices, prepare_context
+from aptp.pruners.training import (
+    DataConfig,
+    JsonlLogger,
+    TrainContext,
+    global_batch_indices,
+    prepare_context,
+    step_generator,
+)
 from aptp.routers import distributed as D
 from aptp.routers.losses import contrastive_loss, resource_loss, spread_losses
 
@@ -142,20 +149,25 @@ class AptpPruner(Pruner):
             warm = step < c.warmup_steps
             z = batch.z  # (b, D) local rows
             e = router.predict(z)  # (b, U)
-            if warm:
-                g = router.predicted_gates(z, noise=False, hard=False)  # (b, U) soft, no quantisation
-                expert = torch.full((z.shape[0],), -1, dtype=torch.long)
-            else:
-                with torch.no_grad():
-                    scores = router.scores(z)  # (b, K)
-                    expert = balancer.assign(scores)  # (b,) balanced over the global batch
-                g = router.code_gates(noise=True, hard=False)[expert]  # (b, U)
+            with torch.random.fork_rng():  # gate noise depends on (seed, step) only: resumable
+                torch.manual_seed(step_generator(ctx.seed, step, "gates").initial_seed())
+                if warm:  # the predictor's own gates drive the model: no codes, no OT
+                    g = router.predicted_gates(z, noise=True, hard=False)  # (b, U) soft
+                    g_deploy = router.predicted_gates(z, noise=False, hard=True)  # (b, U) straight-through
+                    expert = torch.full((z.shape[0],), -1, dtype=torch.long)
+                else:
+                    with torch.no_grad():
+                        expert = balancer.assign(router.scores(z))  # (b,) balanced over the global batch
+                    g = router.code_gates(noise=True, hard=False)[expert]  # (b, U) soft, of the routed codes
+                    g_deploy = router.code_gates(noise=False, hard=True)[expert]  # (b, U) straight-through
             student, teacher, f_s, f_t = ctx.forward_pair(batch, g)
             n = c.batch_size  # global batch: every term below is a global mean
             l_denoise = (O.per_sample_mse(student, batch.target) * batch.snr_weight).sum() / n
             l_distill = O.per_sample_mse(student, teacher).sum() / n
-            l_block = sum(O.per_sample_mse(s, t).sum() for s, t in zip(f_s, f_t)) / n
-            r_local = ctx.unit_space.macs_ratio(g)  # (b,)
+            l_block = sum((O.per_sample_mse(s, t).sum() for s, t in zip(f_s, f_t)), torch.zeros(())) / n
+            # MACs of the architectures that will be cut (deterministic hard gates, straight-through
+            # gradients): the noisy training gates would understate them.
+            r_local = ctx.unit_space.macs_ratio(g_deploy)  # (b,)
             r, _ = D.all_gather_rows(r_local)  # (B,) global, gradient through the local rows
             l_res = resource_loss(r, c.target_ratio)
             l_spread = sum(spread_losses(r))
@@ -174,7 +186,7 @@ class AptpPruner(Pruner):
                                           minlength=router.num_experts)
                     code_r = ctx.unit_space.macs_ratio(router.architectures())
                 last = {"step": step, "loss": loss.item(), "denoise": l_denoise.item(), "distill": l_distill.item(),
-                        "block": float(l_block), "resource": l_res.item(), "contrastive": l_con.item(),
+                        "block": l_block.item(), "resource": l_res.item(), "contrastive": l_con.item(),
                         "mean_ratio": r.mean().item(), "warmup": warm,
                         "load": load.tolist() if not warm else None, "code_ratios": code_r.tolist()}
                 log.write(last)
@@ -206,7 +218,7 @@ class AptpPruner(Pruner):
                                             lr=p.lr * (math.sqrt(p.batch_size) if self.config.scale_lr else 1.0),
                                             weights=(p.denoise, p.distill, p.block),
                                             resume=self.config.resume)
-        summary["phase2_distill_first_last"] = losses
+        summary["phase2_distill_before_after"] = losses
         return summary
 
 

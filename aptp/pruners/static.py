@@ -67,4 +67,4 @@ class StaticPruner(Pruner):
         ratios = ctx.unit_space.macs_ratio(archs)
         return {"expert_macs_ratios": [round(float(r), 4) for r in ratios],
                 "routed_load": torch.bincount(ids, minlength=router.num_experts).tolist(),
-                "phase2_distill_first_last": losses, "output_dir": str(output_dir)}
+                "phase2_distill_before_after": losses, "output_dir": str(output_dir)}

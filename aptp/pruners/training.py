@@ -164,6 +164,8 @@ class TrainContext:
             raise ValueError(f"the training data ({data.source}: {data.path}) holds no sample.")
         self._captions: list[str] | None = None
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:  # the resolved experiment: what RoutedPipeline.from_run rebuilds
+            (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(composition.config))
 
     def _pixel_resolution(self) -> int:
         c, h, w = self.conditioning.sample_shape
@@ -240,11 +242,12 @@ class TrainContext:
     def finetune_expert(self, k: int, arch: torch.Tensor, members: torch.Tensor, steps: int, batch_size: int,
                         lr: float, weights: tuple[float, float, float], resume: bool = True) -> list[float]:
         """Cut expert ``k`` from the dense weights, fine-tune it on dataset rows ``members`` with the
-        dense model as teacher, save it under ``experts/expert-k``. Returns [first, last] distillation loss."""
+        dense model as teacher, save it under ``experts/expert-k``. Returns the output-distillation
+        loss on a fixed batch of its prompts before and after fine-tuning."""
         from aptp.pruners.expert import save_expert
 
         w_d, w_o, w_b = weights
-        expert = cut_model(self.denoiser, self.unit_space, self.granularities, arch)
+        expert = self.cut(arch)
         expert.train().requires_grad_(True)
         opt = torch.optim.AdamW(expert.parameters(), lr=lr)
         ckpt_dir = self.output_dir / "checkpoints" / f"expert-{k}"
@@ -256,7 +259,8 @@ class TrainContext:
             set_rng_state(state["rng"])
         recorder = O.FeatureRecorder(self.backbone.feature_modules(expert))
         log = JsonlLogger(self.output_dir / "phase2.jsonl", enabled=self.is_main)
-        history: list[float] = []
+        eval_batch = self.batch(global_batch_indices(len(members), batch_size, self.seed, 0), -1 - k, subset=members)
+        before = self._distillation(expert, eval_batch)
         bar = tqdm(range(start, steps), desc=f"expert {k} fine-tune", disable=not (self.progress and self.is_main),
                    initial=start, total=steps)
         self.gates.clear()
@@ -273,7 +277,7 @@ class TrainContext:
             n = batch_size
             l_d = (O.per_sample_mse(pred, batch.target) * batch.snr_weight).sum() / n
             l_o = O.per_sample_mse(pred, teacher).sum() / n
-            l_b = sum(O.per_sample_mse(s, t).sum() for s, t in zip(f_s, f_t)) / n
+            l_b = sum((O.per_sample_mse(s, t).sum() for s, t in zip(f_s, f_t)), torch.zeros(())) / n
             loss = w_d * l_d + w_o * l_o + w_b * l_b
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -282,15 +286,15 @@ class TrainContext:
                     if p.grad is not None:
                         dist.all_reduce(p.grad)
             opt.step()
-            history.append(l_o.item())
             log.write({"expert": k, "step": step, "loss": loss.item(), "denoise": l_d.item(),
-                       "distill": l_o.item(), "block": float(l_b)})
-            bar.set_postfix(distill=f"{history[-1]:.4f}")
+                       "distill": l_o.item(), "block": l_b.item()})
+            bar.set_postfix(distill=f"{l_o.item():.4f}")
             if self.is_main and ((step + 1) % 100 == 0 or step == steps - 1):
                 save_checkpoint(ckpt_dir, step + 1, {"expert": expert.state_dict(), "opt": opt.state_dict(),
                                                      "rng": rng_state()})
         recorder.remove()
         expert.eval().requires_grad_(False)
+        after = self._distillation(expert, eval_batch)
         if self.is_main:
             final = self.output_dir / "experts" / f"expert-{k}"
             tmp = final.with_name(f".{final.name}.tmp")
@@ -298,7 +302,26 @@ class TrainContext:
                         backbone=OmegaConf.to_container(self.composition.config.backbone, resolve=True))
             replace_dir(tmp, final)
         self.barrier()
-        return [history[0], history[-1]] if history else []
+        return [before, after]
+
+    def cut(self, arch: torch.Tensor) -> torch.nn.Module:
+        """The expert of ``arch`` (U,) cut from the dense weights (without this context's hooks)."""
+        self.features.remove()  # a deepcopy would carry the recorder's hooks into the expert
+        try:
+            return cut_model(self.denoiser, self.unit_space, self.granularities, arch)
+        finally:
+            self.features = O.FeatureRecorder(self.backbone.feature_modules(self.denoiser))
+
+    @torch.no_grad()
+    def _distillation(self, expert: torch.nn.Module, batch: Batch) -> float:
+        """Output-distillation MSE of ``expert`` against the dense model on ``batch``."""
+        self.gates.clear()
+        teacher = self.backbone.denoise(self.denoiser, batch.x_t, batch.t, batch.text)
+        self.features.take()
+        was_training = expert.training
+        pred = self.backbone.denoise(expert.eval(), batch.x_t, batch.t, batch.text)
+        expert.train(was_training)
+        return float(O.per_sample_mse(pred, teacher).mean())
 
     def save_bundle(self, router, architectures: torch.Tensor) -> Path | None:
         """The router bundle (encoder + router + architectures + unit space) under ``router/``."""

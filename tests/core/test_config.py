@@ -98,3 +98,42 @@ def test_require_names_the_missing_slot(preset_dir, adhoc_registry):
     comp = build(load(preset_dir, adhoc_registry), adhoc_registry)
     with pytest.raises(ConfigError, match="needs a 'pruner'"):
         comp.require("pruner")
+
+
+def test_swapping_a_slot_drops_settings_the_new_component_lacks(preset_dir, adhoc_registry):
+    from dataclasses import dataclass
+
+    from aptp.core.hookspecs import hookimpl
+    from aptp.core.interfaces import Router
+    from aptp.core.plugins import load_registry
+
+    @dataclass
+    class OneConfig:
+        num_experts: int = 1
+
+    class One(Router):
+        """K = 1."""
+
+        config_class = OneConfig
+
+        @property
+        def num_experts(self):
+            return 1
+
+        def scores(self, z):
+            return z[:, :1]
+
+    class Plugin:
+        __name__ = "one"
+
+        @hookimpl
+        def aptp_register_routers(self, registry):
+            registry.add("one", One)
+
+    from conftest import AdHocPlugin
+
+    registry = load_registry(extra_plugins=[AdHocPlugin(), Plugin()])
+    (preset_dir / "router" / "one.yaml").write_text("name: one\n")
+    with pytest.warns(UserWarning, match="'router.dim' is ignored"):
+        cfg = load(preset_dir, registry, ["router=one"])
+    assert dict(cfg.router) == {"name": "one", "num_experts": 1}

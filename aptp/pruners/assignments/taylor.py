@@ -43,6 +43,7 @@ def taylor_importance(ctx, members: torch.Tensor, batches: int, batch_size: int,
         ctx.gates.set(g)
         pred = ctx.backbone.denoise(ctx.denoiser, batch.x_t, batch.t, batch.text)
         ctx.gates.clear()
+        ctx.features.take()  # block features are not needed here
         loss = (O.per_sample_mse(pred, batch.target) * batch.snr_weight).sum()
         (grad,) = torch.autograd.grad(loss, g)
         total += grad.sum(0).double()  # sum_b g * dL/dg at g = 1

@@ -1,0 +1,74 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aptp.pipeline import RoutedPipeline
+
+from conftest import read_log, run_experiment
+
+
+@pytest.mark.slow
+def test_phase1_meets_the_budget_and_uses_every_expert(aptp_run):
+    out, summary = aptp_run
+    last = read_log(out / "phase1.jsonl")[-1]
+    assert abs(last["mean_ratio"] - 0.6) <= 0.03, last
+    load = torch.tensor(last["load"])
+    fair = load.sum() / len(load)
+    assert (load >= fair / 2).all(), f"OT must keep every expert in use, got load {load.tolist()}"
+    ratios = summary["expert_macs_ratios"]
+    assert len(ratios) == 4 and all(0.3 < r < 0.95 for r in ratios), ratios
+    assert len(set(ratios)) > 1, "spread terms should give experts of different sizes"
+
+
+@pytest.mark.slow
+def test_run_writes_router_and_loadable_experts(aptp_run):
+    out, summary = aptp_run
+    assert (out / "config.yaml").is_file() and (out / "router" / "bundle.json").is_file()
+    arch = load_file(str(out / "router" / "architectures.safetensors"))["architectures"]
+    assert arch.shape[0] == 4
+    for k in range(4):
+        assert (out / "experts" / f"expert-{k}" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_routed_pipeline_returns_images_in_input_order(aptp_run):
+    out, _ = aptp_run
+    pipe = RoutedPipeline.from_run(out, max_batch_size=2)
+    prompts = ["a red circle", "a small blue square left of a large yellow triangle",
+               "a green triangle at the top", "the letter A in red", "a big yellow circle", "a blue square"]
+    g = torch.Generator().manual_seed(0)
+    result = pipe(prompts, num_inference_steps=2, generator=g, output_type="pt")
+    assert result.images.shape[0] == len(prompts) and result.expert_ids.shape == (len(prompts),)
+    noise = torch.randn((len(prompts), *pipe.backbone.conditioning().sample_shape),
+                        generator=torch.Generator().manual_seed(0))
+    for i in (0, 3, 5):  # each image equals the same prompt generated alone on its expert
+        alone = pipe.backbone.generate(pipe.modules, [prompts[i]], denoiser=pipe.expert(int(result.expert_ids[i])),
+                                       num_inference_steps=2, latents=noise[i:i + 1])
+        torch.testing.assert_close(result.images[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="empty prompt list"):
+        pipe([])
+    with pytest.raises(TypeError, match="prompt 1 is a int"):
+        pipe(["ok", 3])
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+    common = ["router.num_experts=2", "pruner.warmup_steps=0", "pruner.batch_size=4", "pruner.lr=0.1",
+              "pruner.scale_lr=false", "pruner.checkpoint_every=3", "pruner.phase2.steps=0",
+              "pruner.data.num_samples=16"]
+    full, _ = run_experiment(tmp_path / "full", common + ["pruner.steps=7"])
+    run_experiment(tmp_path / "cut", common + ["pruner.steps=5"])  # "killed" after step 5 (checkpoints 3, 5)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints" / "phase1").iterdir()) == [
+        "step-00000003", "step-00000005"]
+    resumed, _ = run_experiment(tmp_path / "cut", common + ["pruner.steps=7"])
+    steps = [r["step"] for r in read_log(tmp_path / "cut" / "phase1.jsonl")]
+    assert steps == list(range(7)), "the resumed run continues at step 5 and loses no logged step"
+    a, b = full.router.state_dict(), resumed.router.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_aptp_pruner_needs_the_ot_router(tmp_path):
+    from aptp.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs router 'ot'"):
+        run_experiment(tmp_path, ["router=kmeans", "pruner.steps=1"])
