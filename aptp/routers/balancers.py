@@ -91,6 +91,11 @@ def _fill(plan: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, room: torch
     return rows
 
 
+def _global_rows(scores: torch.Tensor) -> float:
+    """B summed over processes (a tensor on the scores' device: NCCL reduces only GPU tensors)."""
+    return D.all_reduce_sum(torch.tensor(float(scores.shape[0]), dtype=torch.float64, device=scores.device)).item()
+
+
 def _uniform(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
 
@@ -143,7 +148,7 @@ class SinkhornBalancer(_Rounded):
     def plan(self, scores: torch.Tensor) -> torch.Tensor:
         check_scores(scores)
         K = scores.shape[1]
-        B = D.all_reduce_sum(torch.tensor(float(scores.shape[0]), dtype=torch.float64)).item()  # global B
+        B = _global_rows(scores)  # global B
         log_q = scores.to(torch.float32) / self.config.eps  # (B, K), log of exp(scores / eps)
         log_q = log_q - D.global_logsumexp(log_q.logsumexp(dim=1, keepdim=True), dim=0)  # total mass 1
         cfg = self.config
@@ -239,7 +244,7 @@ class GreedyBalancer(Balancer):
     @torch.no_grad()
     def plan(self, scores: torch.Tensor) -> torch.Tensor:
         check_scores(scores)
-        B = D.all_reduce_sum(torch.tensor(float(scores.shape[0]), dtype=torch.float64)).item()  # global B
+        B = _global_rows(scores)  # global B
         onehot = torch.nn.functional.one_hot(scores.argmax(dim=-1), scores.shape[1])  # (B, K)
         return onehot.to(scores.dtype) / B  # rows 1/B; columns follow the argmax (unbalanced)
 

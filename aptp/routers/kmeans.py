@@ -53,7 +53,7 @@ class KMeansRouter(Router):
         return self.centers.numel() > 0
 
     def _prep(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.to(torch.float32)
+        z = z.to(torch.float32) if not self.fitted else z.to(self.centers)
         return F.normalize(z, dim=-1) if self.config.normalize else z
 
     def fit(self, embeddings: torch.Tensor, **context: Any) -> None:
@@ -67,8 +67,8 @@ class KMeansRouter(Router):
             )
         km = KMeans(n_clusters=K, random_state=self.config.seed, n_init=self.config.n_init,
                     max_iter=self.config.max_iter)
-        km.fit(self._prep(z).double().numpy())
-        self.centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float32)  # (K, D)
+        km.fit(self._prep(z).detach().cpu().double().numpy())
+        self.centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float32, device=self.centers.device)  # (K, D)
 
     def scores(self, z: torch.Tensor) -> torch.Tensor:
         if not self.fitted:

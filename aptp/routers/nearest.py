@@ -74,11 +74,11 @@ class NearestRouter(Router):
     def scores(self, z: torch.Tensor) -> torch.Tensor:
         if not self.fitted:
             raise ConfigError("the 'nearest' router has no bank: call router.fit(embeddings, labels=...) first.")
-        z = F.normalize(check_embeddings(z, self.bank.shape[1]).to(torch.float32), dim=-1)  # (B, D)
+        z = F.normalize(check_embeddings(z, self.bank.shape[1]).to(self.bank), dim=-1)  # (B, D)
         out = []
         for block in torch.split(z, CHUNK):
             sim = block @ self.bank.T  # (b, N)
-            s = torch.full((block.shape[0], self.num_experts), EMPTY_SCORE, dtype=sim.dtype)
+            s = torch.full((block.shape[0], self.num_experts), EMPTY_SCORE, dtype=sim.dtype, device=sim.device)
             out.append(s.scatter_reduce(1, self.labels.expand_as(sim), sim, reduce="amax"))  # (b, K)
         return torch.cat(out)  # (B, K)
 

@@ -26,4 +26,4 @@ class SingleRouter(Router):
 
     def scores(self, z: torch.Tensor) -> torch.Tensor:
         z = check_embeddings(z)
-        return torch.zeros(z.shape[0], 1, dtype=torch.float32)  # (B, 1)
+        return torch.zeros(z.shape[0], 1, dtype=torch.float32, device=z.device)  # (B, 1)
