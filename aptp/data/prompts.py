@@ -1,6 +1,7 @@
 """Reading prompt files: one prompt per line, or a TSV/CSV table with a ``Prompt`` column.
 
-* ``.tsv`` / ``.csv`` (or a first line that is a header with a ``Prompt`` column): a table; the
+* ``.tsv`` / ``.csv`` (or, for another suffix, a first line that is a tab-separated header with a
+  ``Prompt`` column): a table; the
   ``Prompt`` column (any case) gives the prompts, the other columns are labels (e.g. PartiPrompts'
   ``Category`` and ``Challenge``). TSV is read without quote processing (prompts may contain ``"``);
   CSV with standard quoting.
@@ -61,9 +62,10 @@ def _delimiter(path: Path, first_line: str) -> str | None:
         return "\t"
     if suffix == ".csv":
         return ","
-    for delim in ("\t", ","):  # a header line naming a Prompt column
-        if PROMPT_COLUMN in (c.strip().strip('"').lower() for c in first_line.split(delim)) and delim in first_line:
-            return delim
+    # another suffix: a table only if its first line is a tab-separated header with a Prompt column
+    # (commas are common inside prompts, tabs are not)
+    if "\t" in first_line and PROMPT_COLUMN in (c.strip().lower() for c in first_line.split("\t")):
+        return "\t"
     return None
 
 

@@ -1,32 +1,33 @@
 """aptp.routers: prompt encoder, architecture predictor + codes, balancers, routers, losses, bundles.
 
-Public API::
+Public API (imported lazily, so ``from aptp.routers import distributed`` stays light)::
 
     from aptp.routers import (SentenceTransformerEncoder, OTRouter, KMeansRouter, NearestRouter,
         SingleRouter, SinkhornBalancer, PotSinkhornBalancer, EmdBalancer, GreedyBalancer,
-        contrastive_loss, resource_loss, spread_losses, gumbel_sigmoid, monotone_depth_logits,
-        save_router_bundle, load_router_bundle, route_prompts)
+        balanced_assignment, contrastive_loss, resource_loss, spread_losses, gumbel_sigmoid,
+        straight_through, monotone_depth_logits, save_router_bundle, load_router_bundle,
+        route_prompts, RouterBundle, BundleRouting)
 """
 
-from aptp.routers.balancers import (
-    EmdBalancer,
-    GreedyBalancer,
-    PotSinkhornBalancer,
-    SinkhornBalancer,
-    balanced_assignment,
-)
-from aptp.routers.bundle import BundleRouting, RouterBundle, load_router_bundle, route_prompts, save_router_bundle
-from aptp.routers.encoder import SentenceTransformerEncoder
-from aptp.routers.gates import gumbel_sigmoid, monotone_depth_logits, straight_through
-from aptp.routers.kmeans import KMeansRouter
-from aptp.routers.losses import contrastive_loss, resource_loss, spread_losses
-from aptp.routers.nearest import NearestRouter
-from aptp.routers.ot import OTRouter
-from aptp.routers.single import SingleRouter
+from __future__ import annotations
 
-__all__ = [
-    "BundleRouting", "EmdBalancer", "GreedyBalancer", "KMeansRouter", "NearestRouter", "OTRouter",
-    "PotSinkhornBalancer", "RouterBundle", "SentenceTransformerEncoder", "SingleRouter", "SinkhornBalancer",
-    "balanced_assignment", "contrastive_loss", "gumbel_sigmoid", "load_router_bundle", "monotone_depth_logits",
-    "resource_loss", "route_prompts", "save_router_bundle", "spread_losses", "straight_through",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BundleRouting": "bundle", "RouterBundle": "bundle", "load_router_bundle": "bundle",
+    "route_prompts": "bundle", "save_router_bundle": "bundle",
+    "EmdBalancer": "balancers", "GreedyBalancer": "balancers", "PotSinkhornBalancer": "balancers",
+    "SinkhornBalancer": "balancers", "balanced_assignment": "balancers",
+    "SentenceTransformerEncoder": "encoder",
+    "gumbel_sigmoid": "gates", "monotone_depth_logits": "gates", "straight_through": "gates",
+    "KMeansRouter": "kmeans", "NearestRouter": "nearest", "OTRouter": "ot", "SingleRouter": "single",
+    "contrastive_loss": "losses", "resource_loss": "losses", "spread_losses": "losses",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"aptp.routers.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'aptp.routers' has no attribute {name!r}")

@@ -16,6 +16,8 @@ def test_one_prompt_per_line(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("a red cube\n\n  a blue sphere  \n")
     assert read_prompts(f) == ["a red cube", "a blue sphere"]
+    f.write_text("prompt, a cat on a mat\na dog, running\n")  # commas in a text file are just text
+    assert read_prompts(f) == ["prompt, a cat on a mat", "a dog, running"]
 
 
 def test_tsv_with_quotes_and_labels(tmp_path):
