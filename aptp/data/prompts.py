@@ -1,9 +1,8 @@
 """Reading prompt files: one prompt per line, or a TSV/CSV table with a ``Prompt`` column.
 
 * ``.tsv`` / ``.csv`` (or, for another suffix, a first line that is a tab-separated header with a
-  ``Prompt`` column): a table; the
-  ``Prompt`` column (any case) gives the prompts, the other columns are labels (e.g. PartiPrompts'
-  ``Category`` and ``Challenge``). TSV is read without quote processing (prompts may contain ``"``);
+  ``Prompt`` column): a table; the ``Prompt`` column (any case) gives the prompts, the other
+  columns are labels (e.g. PartiPrompts' ``Category`` and ``Challenge``). TSV is read without quote processing (prompts may contain ``"``);
   CSV with standard quoting.
 * anything else: one prompt per line.
 
