@@ -83,3 +83,18 @@ def test_ffn_units_must_divide_width(tiny_backbone, tiny_unet):
 
     with pytest.raises(ValueError, match="num_units=7"):
         build_unit_space(tiny_unet, [FFN(FFNConfig(num_units=7))], tiny_backbone.conditioning())
+
+
+def test_soft_gates_get_gradients_for_every_kind(tiny_unet, tiny_inputs, tiny_spaces):
+    """Training path: soft per-sample gates (B, U) receive gradients through every granularity."""
+    space, grans = tiny_spaces["all"]
+    x, t, text = (a[:2] for a in tiny_inputs)
+    g = torch.full((2, space.size), 0.7, requires_grad=True)
+    with Gates(tiny_unet, space, grans) as gates:
+        gates.set(g)
+        y = tiny_unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
+        (y ** 2).mean().backward()
+    assert g.grad is not None
+    for kind in space.kinds():
+        assert float(g.grad[:, space.mask_of_kind(kind)].abs().sum()) > 0, kind
+    tiny_unet.zero_grad(set_to_none=True)
