@@ -69,7 +69,11 @@ def distributed_worker(rank: int, world: int, init_file: str, scores: torch.Tens
                      "greedy": GreedyBalancer(),
                      "sinkhorn-tol": SinkhornBalancer(SinkhornConfig(tolerance=1e-3))}
         out = {name: b.plan(scores[rows]) for name, b in balancers.items()}
-        out["contrastive"] = contrastive_loss(e[rows], z[rows], tau=0.1).detach()
+        e_local = e[rows].clone().requires_grad_()
+        loss = contrastive_loss(e_local, z[rows], tau=0.1)
+        loss.backward()  # the gathered remote rows are constants: the gradient reaches the local rows
+        out["contrastive"] = loss.detach()
+        out["contrastive_grad"] = e_local.grad
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

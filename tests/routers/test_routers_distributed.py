@@ -37,3 +37,6 @@ def test_global_plan_matches_single_process_plan(tmp_path):
     # contrastive loss over the global batch: row-weighted mean of the local losses
     loss = sum(p["contrastive"] * n for p, n in zip(parts, SPLIT)) / B
     assert torch.allclose(loss, contrastive_loss(e, z, tau=0.1), rtol=1e-5)
+    for p, n in zip(parts, SPLIT):
+        grad = p["contrastive_grad"]
+        assert grad.shape == (n, e.shape[1]) and torch.isfinite(grad).all() and float(grad.abs().max()) > 0
