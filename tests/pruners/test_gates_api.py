@@ -98,3 +98,38 @@ def test_soft_gates_get_gradients_for_every_kind(tiny_unet, tiny_inputs, tiny_sp
     for kind in space.kinds():
         assert float(g.grad[:, space.mask_of_kind(kind)].abs().sum()) > 0, kind
     tiny_unet.zero_grad(set_to_none=True)
+
+
+def test_unit_magnitude_and_params_per_unit(tiny_unet, tiny_spaces):
+    """Magnitude of unit 0 = norm of its weight slices; cutting one unit removes params_per_unit."""
+    import copy
+
+    from aptp.pruners.granularities._common import get_module
+
+    def norm(*ts):
+        return float(sum(t.pow(2).sum() for t in ts).sqrt())
+
+    for kind in ("resnet_channels", "attention_heads", "ffn"):
+        space, (gran,) = tiny_spaces[kind]
+        group = space.groups[1]
+        mag = gran.unit_magnitude(tiny_unet, group)
+        assert mag.shape == (group.num_units,) and bool((mag > 0).all())
+        m = get_module(tiny_unet, group.path)
+        if kind == "resnet_channels":
+            s = m.conv1.out_channels // group.num_units
+            want = norm(m.conv1.weight[:s], m.time_emb_proj.weight[:s], m.conv2.weight[:, :s])
+        elif kind == "attention_heads":
+            s = m.to_q.out_features // m.heads
+            want = norm(m.to_q.weight[:s], m.to_k.weight[:s], m.to_v.weight[:s], m.to_out[0].weight[:, :s])
+        else:
+            f = m.net[2].in_features
+            s = f // group.num_units
+            w = m.net[0].proj.weight
+            want = norm(w[:s], w[f:f + s], m.net[2].weight[:, :s])
+        assert float(mag[0]) == pytest.approx(want, rel=1e-5), kind
+        keep = torch.ones(group.num_units, dtype=torch.bool)
+        keep[0] = False
+        cut = copy.deepcopy(tiny_unet)
+        gran.cut(cut, group, keep)
+        removed = sum(p.numel() for p in tiny_unet.parameters()) - sum(p.numel() for p in cut.parameters())
+        assert removed == group.params_per_unit, kind

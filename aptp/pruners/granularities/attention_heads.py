@@ -88,6 +88,13 @@ class AttentionHeads(Granularity):
                                           "key_len": rec.key_len if rec else 0}))
         return groups
 
+    def unit_magnitude(self, denoiser: nn.Module, group: UnitGroup) -> torch.Tensor:
+        """(h,) L2 norm of each head's rows of to_q/k/v and columns of to_out[0]."""
+        a = get_module(denoiser, group.path)
+        sq = sum(lin.weight.detach().float().pow(2).sum(1) for lin in (a.to_q, a.to_k, a.to_v))  # (h d,)
+        sq = sq + a.to_out[0].weight.detach().float().pow(2).sum(0)
+        return sq.view(group.num_units, -1).sum(1).sqrt().cpu()
+
     def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> HookHandles:
         a = get_module(denoiser, group.path)
         d = _head_dim(a)

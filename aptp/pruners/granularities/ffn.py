@@ -83,6 +83,13 @@ class FFN(Granularity):
                                     meta={"channels_per_unit": s, "halves": k}))
         return groups
 
+    def unit_magnitude(self, denoiser: nn.Module, group: UnitGroup) -> torch.Tensor:
+        """(n,) L2 norm of each group's proj rows (every half) and net[2] columns."""
+        proj, out, f, k = _layout(get_module(denoiser, group.path))
+        sq = proj.weight.detach().float().pow(2).sum(1).view(k, f).sum(0)  # (F,)
+        sq = sq + out.weight.detach().float().pow(2).sum(0)
+        return sq.view(group.num_units, -1).sum(1).sqrt().cpu()
+
     def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> HookHandles:
         ff = get_module(denoiser, group.path)
         s = ff.net[2].in_features // group.num_units

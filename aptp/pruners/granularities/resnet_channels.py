@@ -70,6 +70,17 @@ class ResnetChannels(Granularity):
                                     meta={"channels_per_unit": s}))
         return groups
 
+    def unit_magnitude(self, denoiser: nn.Module, group: UnitGroup) -> torch.Tensor:
+        """(G,) L2 norm of the weights a group's cut removes (conv1 rows, time_emb_proj rows, conv2 columns)."""
+        r = get_module(denoiser, group.path)
+        c, n = r.conv1.out_channels, group.num_units
+        sq = r.conv1.weight.detach().float().pow(2).flatten(1).sum(1)  # (C,)
+        sq = sq + r.conv2.weight.detach().float().pow(2).transpose(0, 1).flatten(1).sum(1)
+        if r.time_emb_proj is not None:
+            w = r.time_emb_proj.weight.detach().float().pow(2).sum(1)  # (halves * C,)
+            sq = sq + w.view(-1, c).sum(0)
+        return sq.view(n, c // n).sum(1).sqrt().cpu()
+
     def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> HookHandles:
         r = get_module(denoiser, group.path)
         s = r.conv1.out_channels // group.num_units
