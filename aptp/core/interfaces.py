@@ -111,11 +111,14 @@ class Backbone(Component, abc.ABC):
             mods.insert(len(getattr(denoiser, "down_blocks", []) or []), denoiser.mid_block)
         return mods
 
-    def to_latents(self, modules: BackboneModules, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> denoiser space (B, C, h, w): VAE latents or pixels."""
+    def to_latents(self, modules: BackboneModules, images: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> denoiser space (B, C, h, w): VAE latents or pixels.
+
+        ``eps`` (B, C, h, w) samples the VAE posterior (mean + std * eps); None takes its mean."""
         if modules.vae is None:
             return images
-        latents = modules.vae.encode(images).latent_dist.sample()
+        posterior = modules.vae.encode(images).latent_dist
+        latents = posterior.mean if eps is None else posterior.mean + posterior.std * eps.to(posterior.mean)
         return latents * modules.vae.config.scaling_factor
 
     def decode(self, modules: BackboneModules, sample: torch.Tensor) -> torch.Tensor:

@@ -171,9 +171,11 @@ class AptpPruner(Pruner):
             r, _ = D.all_gather_rows(r_local)  # (B,) global, gradient through the local rows
             l_res = resource_loss(r, c.target_ratio)
             l_spread = sum(spread_losses(r))
-            # Mean over this process's rows (columns span the global batch), scaled to its share
-            # of the global mean.
-            l_con = contrastive_loss(e, z, tau=c.contrastive_tau) * (z.shape[0] / n)
+            # The whole (B, B) similarity structure on every process, gradient through the local
+            # rows and columns: summed over processes, that is the exact global gradient.
+            e_all, _ = D.all_gather_rows(e)  # (B, U)
+            z_all, _ = D.all_gather_rows(z, keep_grad=False)  # (B, D)
+            l_con = contrastive_loss(e_all, z_all, tau=c.contrastive_tau, gather=False)
             loss = (w.denoise * l_denoise + w.distill * l_distill + w.block * l_block + w.resource * l_res
                     + w.spread * l_spread + w.contrastive * l_con)
             opt.zero_grad(set_to_none=True)
@@ -185,8 +187,12 @@ class AptpPruner(Pruner):
                     load = torch.bincount(D.all_gather_rows(expert.clamp(min=0), keep_grad=False)[0],
                                           minlength=router.num_experts)
                     code_r = ctx.unit_space.macs_ratio(router.architectures())
-                last = {"step": step, "loss": loss.item(), "denoise": l_denoise.item(), "distill": l_distill.item(),
-                        "block": l_block.item(), "resource": l_res.item(), "contrastive": l_con.item(),
+                    # each process holds its share of the per-sample terms: sum them for the log
+                    parts = D.all_reduce_sum(torch.stack([l_denoise, l_distill, l_block]).detach())
+                    l_global = w.resource * l_res + w.spread * l_spread + w.contrastive * l_con  # already global
+                    total = float((parts * torch.tensor([w.denoise, w.distill, w.block])).sum() + l_global)
+                last = {"step": step, "loss": total, "denoise": parts[0].item(), "distill": parts[1].item(),
+                        "block": parts[2].item(), "resource": l_res.item(), "contrastive": l_con.item(),
                         "mean_ratio": r.mean().item(), "warmup": warm,
                         "load": load.tolist() if not warm else None, "code_ratios": code_r.tolist()}
                 log.write(last)

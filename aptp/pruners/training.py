@@ -141,7 +141,9 @@ class TrainContext:
                  min_snr_gamma: float | None = 5.0) -> None:
         from accelerate import PartialState
 
-        self.state = PartialState()  # initialises torch.distributed under torchrun / accelerate launch
+        # Initialises torch.distributed under torchrun / accelerate launch (gloo on CPU, nccl on GPUs).
+        on_cpu = str(composition.config.get("device", "cpu")) == "cpu" or not torch.cuda.is_available()
+        self.state = PartialState(cpu=on_cpu)
         self.composition = composition
         self.output_dir = Path(output_dir)
         self.progress = progress
@@ -207,11 +209,12 @@ class TrainContext:
         g = step_generator(self.seed, step, "noise")
         noise = torch.randn((n, c, h, w), generator=g)  # (B, C, H, W)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g)  # (B,)
+        eps = torch.randn((n, c, h, w), generator=g) if self.modules.vae is not None else None  # VAE posterior
         rows = local_rows(n)
         items = [self.dataset[int(i)] for i in idx[rows]]
         device, dtype = self.state.device, next(self.denoiser.parameters()).dtype
         images = torch.stack([it["image"] for it in items]).to(device, dtype)
-        x0 = self.backbone.to_latents(self.modules, images)  # (b, C, H, W)
+        x0 = self.backbone.to_latents(self.modules, images, None if eps is None else eps[rows])  # (b, C, H, W)
         noise, t = noise[rows].to(device, dtype), t[rows].to(device)
         captions = [it["caption"] for it in items]
         return Batch(
