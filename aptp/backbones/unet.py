@@ -41,7 +41,7 @@ TEXT_ENCODERS = ("auto", "clip", "minilm", "none")
 
 @dataclass
 class UNetBackboneConfig:
-    """preset: 'sd21' | 'tiny' (configs for random builds); pretrained: local folder or hub id
+    """preset: 'sd21' | 'small' | 'tiny' (configs for random builds); pretrained: local folder or hub id
     (None = random weights from the preset); resolution: image side in pixels (None = the UNet's
     sample_size x the VAE factor); text_encoder: 'auto' | 'clip' | 'minilm' | 'none';
     vae: 'auto' (the pretrained folder's vae/ if any, else the preset's) or None (pixel space);
@@ -181,7 +181,7 @@ class UNetBackbone(Backbone):
         if self.config.pretrained is not None:
             local = self._local()
             return "clip" if local is None or (local / "text_encoder").is_dir() else "none"
-        return "clip" if self.config.preset == "tiny" else "none"
+        return "none" if self.config.preset == "sd21" else "clip"
 
     def _text(self, device: str | torch.device, dtype: torch.dtype) -> tuple[nn.Module | None, Any]:
         kind = self._text_kind()

@@ -64,7 +64,7 @@ def test_loaded_expert_runs_in_a_stock_diffusers_pipeline(saved_expert, tiny_bac
 def test_loaded_expert_works_under_torch_compile(saved_expert, tiny_inputs):
     folder, expert, _, _ = saved_expert
     loaded = load_expert(folder)
-    compiled = torch.compile(loaded, backend="aot_eager")  # inductor needs minutes on 2 CPU cores
+    compiled = torch.compile(loaded, backend="eager")  # dynamo capture; inductor needs minutes on 2 CPU cores
     x, t, text = (a[:1] for a in tiny_inputs)
     ref = _run(expert, x, t, text)
     assert torch.allclose(_run(compiled, x, t, text), ref, atol=1e-5)

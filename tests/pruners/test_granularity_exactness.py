@@ -19,7 +19,7 @@ def _run(unet, x, t, text):
 
 
 @pytest.mark.parametrize("which", list(GRANULARITY_SETS))
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), p_drop=st.floats(0.0, 1.0))
 def test_hard_gates_equal_cut_model(which, seed, p_drop, tiny_unet, tiny_inputs, tiny_spaces):
     space, grans = tiny_spaces[which]
@@ -92,7 +92,6 @@ def test_sd21_hard_gates_equal_cut_model():
     with Gates(unet, space, grans) as gates:
         gates.set(arch)
         gated = _run(unet, x, t, text)
-    expert = cut_model(unet, space, grans, arch)
-    del unet
+    expert = cut_model(unet, space, grans, arch, inplace=True)  # no 3.5 GB copy: the dense model is done
     out = _run(expert, x, t, text)
     assert float((gated - out).abs().max()) <= TOL * float(gated.abs().max())
