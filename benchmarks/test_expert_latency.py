@@ -146,7 +146,7 @@ def _report(cond, space) -> None:
         f"- model: preset `{PRESET}`, sample {cond.sample_shape}, {cond.text_len} tokens, dense "
         f"{space.total_macs / 1e9:.3f} GMACs/sample; experts keep a uniform fraction of every width group",
         f"- command: `APTP_BENCH_PRESET={PRESET} APTP_WRITE_RESULTS=1 OMP_NUM_THREADS=1 python -m pytest benchmarks/test_expert_latency.py "
-        "--benchmark-json=benchmarks/expert_latency_{PRESET}.json`",
+        f"--benchmark-json=benchmarks/expert_latency_{PRESET}.json`",
         "- goal: latency ratio <= 1.1 x MACs ratio (last column <= 1.1)",
         "",
         table,

@@ -4,37 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from granularity_helpers import GRANULARITY_SETS, make_granularities
 
 from aptp.backbones.unet import UNetBackbone, UNetBackboneConfig
 from aptp.pruners.gating import build_unit_space
-from aptp.pruners.granularities import (
-    FFN,
-    AttentionHeads,
-    AttentionHeadsConfig,
-    Depth,
-    DepthConfig,
-    FFNConfig,
-    ResnetChannels,
-    ResnetChannelsConfig,
-)
-
-GRANULARITY_SETS = {
-    "resnet_channels": ["resnet_channels"],
-    "attention_heads": ["attention_heads"],
-    "ffn": ["ffn"],
-    "depth": ["depth"],
-    "all": ["resnet_channels", "attention_heads", "ffn", "depth"],
-}
-
-
-def make_granularities(kinds):
-    table = {
-        "resnet_channels": lambda: ResnetChannels(ResnetChannelsConfig()),
-        "attention_heads": lambda: AttentionHeads(AttentionHeadsConfig()),
-        "ffn": lambda: FFN(FFNConfig()),
-        "depth": lambda: Depth(DepthConfig()),
-    }
-    return [table[k]() for k in kinds]
 
 
 @pytest.fixture(scope="session")
@@ -65,9 +38,3 @@ def tiny_spaces(tiny_backbone, tiny_unet):
         grans = make_granularities(kinds)
         out[name] = (build_unit_space(tiny_unet, grans, cond), grans)
     return out
-
-
-def random_arch(size: int, seed: int, p_drop: float) -> torch.Tensor:
-    """(U,) 0/1 architecture dropping each unit with probability ``p_drop``."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(size, generator=g) >= p_drop).to(torch.float32)

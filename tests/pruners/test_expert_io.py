@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_arch
+from granularity_helpers import random_arch
 
 from aptp.core.config import config_to_dict
 from aptp.pruners.expert import EXPERT_FILE, load_expert, save_expert

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_arch
+from granularity_helpers import random_arch
 
 from aptp.core.config import compose
 from aptp.core.errors import ConfigError, ShapeError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GRANULARITY_SETS, make_granularities, random_arch
+from granularity_helpers import GRANULARITY_SETS, make_granularities, random_arch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GRANULARITY_SETS, make_granularities, random_arch
+from granularity_helpers import GRANULARITY_SETS, make_granularities, random_arch
 
 from aptp.backbones.unet import UNetBackbone, UNetBackboneConfig
 from aptp.core.resources import count_params, flop_counter_macs
