@@ -1,4 +1,5 @@
-"""The ``aptp`` command line: ``aptp list | config | run | route`` (``aptp COMMAND --help``)."""
+"""The ``aptp`` command line: ``aptp list | config | run | compare | ablate | route | analyze``
+(``aptp COMMAND --help``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 #: Sub-commands implemented in their own modules: each has ``add_parser(subparsers)`` and ``main(args)``.
-EXTERNAL_COMMANDS = ("aptp.routers.cli_route",)
+EXTERNAL_COMMANDS = ("aptp.routers.cli_route", "aptp.analysis_cli")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -54,6 +55,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from aptp.harness import compare, load_comparison
+
+    cfg = load_comparison(args.comparison, args.overrides)
+    out = Path(args.output_dir or cfg.output_dir)
+    result = compare(cfg.base, cfg.cells, cfg.eval, out)
+    print(f"report: {result['report']}")
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from aptp.harness import EvalConfig, compare, grid_cells
+
+    cells = grid_cells(args.grid)
+    eval_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig),
+                                                   OmegaConf.from_dotlist(args.eval or [])))
+    name = args.name or f"{Path(args.experiment).stem}-ablation"
+    out = Path(args.output_dir or f"runs/{name}")
+    for cell, overrides in cells.items():
+        cells[cell] = list(args.set or []) + overrides
+    result = compare(args.experiment, cells, eval_cfg, out)
+    print(f"report: {result['report']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aptp",
@@ -87,6 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output-dir", metavar="DIR", help="where to write results (default: the "
                            "experiment's output_dir, runs/<name>)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser(
+        "compare", help="run compositions and compare them with the dense model on the same prompts",
+        description="Run every composition (cell) of a comparison file (configs/comparison/NAME.yaml), "
+        "skipping cells that finished before, then generate the same held-out prompts with the dense model "
+        "and each pruned model and write report.md (quality, kept MACs, latency, image grids, figures).")
+    p.add_argument("comparison", metavar="COMPARISON", help="a YAML path or a name under configs/comparison/")
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                   help="eval.KEY=VALUE (e.g. eval.num_prompts=16), or CELL.KEY=VALUE for one cell "
+                   "(e.g. aptp.pruner.steps=50)")
+    p.add_argument("--output-dir", metavar="DIR", help="default: the comparison's output_dir (runs/<name>)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser(
+        "ablate", help="run a grid of overrides of one experiment and compare every cell",
+        description="Expand --grid into every combination of overrides (e.g. router=ot,kmeans "
+        "router.num_experts=1,4), run each cell (resumable: finished cells are skipped) and write one report "
+        "with a table and plots of quality and latency against kept MACs.")
+    p.add_argument("experiment", metavar="EXPERIMENT")
+    p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                   help="axes of the grid; each KEY is a slot (preset choice) or a dotted key")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides applied to every cell first")
+    p.add_argument("--eval", nargs="*", metavar="KEY=VALUE", help="evaluation settings (num_prompts=16 steps=10 ...)")
+    p.add_argument("--name", help="name of the ablation (default: EXPERIMENT-ablation)")
+    p.add_argument("--output-dir", metavar="DIR", help="default: runs/<name>")
+    p.set_defaults(func=_cmd_ablate)
 
     for module in _external_modules():
         before = set(sub.choices)

@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from aptp.cli import main
+from aptp.core.errors import ConfigError
+from aptp.harness import grid_cells, load_comparison
+
+
+def test_grid_cells_are_the_cartesian_product():
+    cells = grid_cells(["router=ot,kmeans", "router.num_experts=1,4"])
+    assert list(cells) == ["router=ot,router.num_experts=1", "router=ot,router.num_experts=4",
+                           "router=kmeans,router.num_experts=1", "router=kmeans,router.num_experts=4"]
+    assert cells["router=kmeans,router.num_experts=4"] == ["router=kmeans", "router.num_experts=4"]
+    with pytest.raises(ValueError, match="must look like key=v1,v2"):
+        grid_cells(["router"])
+
+
+def test_comparison_overrides_reach_eval_and_single_cells():
+    cfg = load_comparison("smoke", ["eval.num_prompts=3", "static.pruner.finetune.steps=1"])
+    assert cfg.eval.num_prompts == 3
+    assert cfg.cells["static"][-1] == "pruner.finetune.steps=1" and "pruner.finetune.steps=1" not in cfg.cells["aptp"]
+    with pytest.raises(ConfigError, match="num_promts"):
+        load_comparison("smoke", ["eval.num_promts=3"])
+
+
+@pytest.mark.slow
+def test_compare_writes_a_report_with_every_model(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "smoke", "eval.latency_batch_sizes=[2]", "--output-dir", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    for model in ("| dense |", "| aptp |", "| static |"):
+        assert model in report
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["dense", "aptp", "static"]
+    static = rows[2]
+    assert 0.5 <= static["mean_macs_ratio"] <= 0.6 and sum(static["load"]) == 8
+    for name in ("tradeoffs.png", "aptp_expert_macs.png", "static_expert0.png"):
+        assert (out / "figures" / name).stat().st_size > 1000
+    # a second run reuses the finished cells
+    (out / "report.md").unlink()
+    assert main(["compare", "smoke", "eval.latency_batch_sizes=[2]", "--output-dir", str(out)]) == 0
+    assert (out / "report.md").is_file()
