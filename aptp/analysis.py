@@ -173,7 +173,7 @@ def analyze(bundle_or_dir: Any, prompts: Any, labels: Mapping[str, Sequence[str]
         labels: label columns, name -> one value per prompt (default: a table's label columns).
         label_columns: which label columns to analyse (case-insensitive); default: all of ``labels``,
             or, for a table's own columns, those with at most ``MAX_AUTO_LABEL_VALUES`` distinct
-            values (so free-text columns are skipped).
+            values and at most one per two prompts (so free-text columns are skipped).
         max_prompts: analyse a seeded random sample of this many prompts (file order kept).
         top_words / examples: distinguishing words and example prompts reported per expert.
         map_method: "pca" or "tsne" for the 2-D map of the embeddings.
@@ -187,13 +187,7 @@ def analyze(bundle_or_dir: Any, prompts: Any, labels: Mapping[str, Sequence[str]
         raise ConfigError(f"map_method={map_method!r} is not one of {MAP_METHODS}; pick 'pca' (fast) or 'tsne'.")
     if top_words < 0 or examples < 0:
         raise ConfigError(f"top_words={top_words} and examples={examples} must be >= 0.")
-    source = ""
-    if isinstance(bundle_or_dir, RouterBundle):
-        bundle = bundle_or_dir
-    else:
-        source = str(bundle_or_dir)
-        bundle = load_router_bundle(bundle_or_dir)
-    if isinstance(prompts, (str, Path)):
+    if isinstance(prompts, (str, Path)):  # read the prompts first: a bad file fails before any model loads
         prompts = read_prompt_table(prompts)
     from_table = labels is None and isinstance(prompts, PromptTable)
     if isinstance(prompts, PromptTable):
@@ -202,11 +196,12 @@ def analyze(bundle_or_dir: Any, prompts: Any, labels: Mapping[str, Sequence[str]
     prompts, labels = _check_inputs(prompts, labels or {})
     notes: list[str] = []
     if label_columns is None and from_table:
-        skipped = [c for c, v in labels.items() if len(set(v)) > MAX_AUTO_LABEL_VALUES]
+        skipped = [c for c, v in labels.items() if len(set(v)) > min(MAX_AUTO_LABEL_VALUES, len(v) / 2)]
         labels = {c: v for c, v in labels.items() if c not in skipped}
         if skipped:
-            notes.append(f"label columns with more than {MAX_AUTO_LABEL_VALUES} distinct values skipped: "
-                         f"{', '.join(skipped)} (name them with label_columns / --label-columns to include them).")
+            notes.append(f"free-text label columns skipped (more than {MAX_AUTO_LABEL_VALUES} distinct values, or "
+                         f"more than one per two prompts): {', '.join(skipped)} (name them with label_columns / "
+                         "--label-columns to include them).")
     labels = _select_columns(labels, label_columns)
 
     if max_prompts is not None:
@@ -217,6 +212,16 @@ def analyze(bundle_or_dir: Any, prompts: Any, labels: Mapping[str, Sequence[str]
             notes.append(f"a random sample of {max_prompts} of the {len(prompts)} prompts (seed {seed}).")
             prompts = [prompts[i] for i in keep]
             labels = {c: [v[i] for i in keep] for c, v in labels.items()}
+
+    source = ""
+    if isinstance(bundle_or_dir, RouterBundle):
+        bundle = bundle_or_dir
+    elif isinstance(bundle_or_dir, (str, Path)):
+        source = str(bundle_or_dir)
+        bundle = load_router_bundle(bundle_or_dir)
+    else:
+        raise ConfigError(f"analyze needs a RouterBundle or a bundle folder, got {type(bundle_or_dir).__name__}; "
+                          "save a router with save_router_bundle(dir, encoder, router) and pass dir.")
 
     # route exactly as aptp route does (argmax of the router's scores), keeping the embeddings
     z = _encode(bundle.encoder, prompts, progress)  # (N, D)

@@ -53,8 +53,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("router_dir", metavar="ROUTER_DIR", help="router bundle folder (written by save_router_bundle)")
     p.add_argument("prompts", metavar="PROMPTS", help="prompt file: one per line, or TSV/CSV with a Prompt column")
     p.add_argument("--label-columns", metavar="COL,COL", default=None,
-                   help="label columns to analyse, comma-separated (default: every column with at most 50 "
-                        "distinct values; '' for none)")
+                   help="label columns to analyse, comma-separated, any case (default: every column that "
+                        "is not free text: at most 50 distinct values and one per two prompts; '' for none)")
     p.add_argument("--out", metavar="DIR", default=None, help="output folder (default: ROUTER_DIR/analysis)")
     p.add_argument("--max-prompts", type=int, metavar="N", default=None,
                    help="analyse a random sample of N prompts (seeded, file order kept)")
