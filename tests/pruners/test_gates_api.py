@@ -107,7 +107,7 @@ def test_unit_magnitude_and_params_per_unit(tiny_unet, tiny_spaces):
     from aptp.pruners.granularities._common import get_module
 
     def norm(*ts):
-        return float(sum(t.pow(2).sum() for t in ts).sqrt())
+        return float(sum(t.detach().pow(2).sum() for t in ts).sqrt())
 
     for kind in ("resnet_channels", "attention_heads", "ffn"):
         space, (gran,) = tiny_spaces[kind]
