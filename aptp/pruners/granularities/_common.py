@@ -116,8 +116,18 @@ def dummy_inputs(conditioning: Conditioning, batch: int = 1, device: str | torch
 
 
 def default_call(denoiser: nn.Module, sample: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> Any:
-    """How the granularities call a denoiser to trace it (diffusers' UNet/transformer convention)."""
-    return denoiser(sample, t, encoder_hidden_states=text, return_dict=False)
+    """How the granularities call a denoiser to trace it: diffusers' UNet convention
+    ``(sample, timestep, encoder_hidden_states)``, or its transformer convention
+    ``(hidden_states, encoder_hidden_states=, timestep=, added_cond_kwargs=)`` (DiT / PixArt)."""
+    import inspect
+
+    params = inspect.signature(denoiser.forward).parameters
+    if "sample" in params or "hidden_states" not in params:
+        return denoiser(sample, t, encoder_hidden_states=text, return_dict=False)
+    kwargs: dict[str, Any] = {"encoder_hidden_states": text, "timestep": t, "return_dict": False}
+    if "added_cond_kwargs" in params:
+        kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    return denoiser(sample, **kwargs)
 
 
 _TRACE_CACHE: dict[tuple, Trace] = {}
