@@ -211,11 +211,11 @@ def sample_images(
         scheduler.set_timesteps(steps)
         for t in scheduler.timesteps:
             inp = torch.cat([x, x]) if guidance != 1.0 else x
-            out = unet(inp, t, encoder_hidden_states=cond).sample  # ε or v, per the scheduler config
+            pred = unet(inp, t, encoder_hidden_states=cond).sample  # ε or v, per the scheduler config
             if guidance != 1.0:
-                out_u, out_c = out.chunk(2)
-                out = out_u + guidance * (out_c - out_u)
-            x = scheduler.step(out, t, x, eta=eta, generator=gen).prev_sample
+                pred_u, pred_c = pred.chunk(2)
+                pred = pred_u + guidance * (pred_c - pred_u)
+            x = scheduler.step(pred, t, x, eta=eta, generator=gen).prev_sample
         out.append(x.float().clamp(-1, 1).cpu())
     return torch.cat(out)
 
