@@ -86,3 +86,25 @@ def test_bad_config_values_say_what_to_do(tmp_path):
         UNetBackboneConfig(vae="yes")
     with pytest.raises(ConfigError, match="unet/config.json"):
         UNetBackbone(UNetBackboneConfig(pretrained=str(tmp_path))).conditioning()
+
+
+def test_loads_a_saved_stable_diffusion_folder(tmp_path):
+    """pretrained=<diffusers pipeline folder>: unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+    from diffusers import StableDiffusionPipeline
+
+    tiny = UNetBackbone(UNetBackboneConfig(preset="tiny"))
+    mods = tiny.load()
+    pipe = StableDiffusionPipeline(vae=mods.vae, text_encoder=mods.text_encoder, tokenizer=mods.tokenizer,
+                                   unet=mods.denoiser, scheduler=mods.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path)
+    bb = UNetBackbone(UNetBackboneConfig(pretrained=str(tmp_path)))
+    assert bb.conditioning() == tiny.conditioning()
+    loaded = bb.load()
+    assert loaded.vae is not None and type(loaded.scheduler) is type(mods.scheduler)
+    for a, b in ((mods.denoiser, loaded.denoiser), (mods.vae, loaded.vae), (mods.text_encoder, loaded.text_encoder)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    prompts = ["a red circle"]
+    assert torch.equal(tiny.encode_prompts(mods, prompts), bb.encode_prompts(loaded, prompts))
+    pixel = UNetBackbone(UNetBackboneConfig(pretrained=str(tmp_path), vae=None))
+    assert pixel.load().vae is None and pixel.conditioning().sample_shape == (4, 32, 32)
