@@ -64,10 +64,17 @@ def main(argv: list[str] | None = None) -> int:
             x = sample_images(base.unet, captions, text_encoder=base.text_encoder,
                               scheduler_cfg=dict(base.scheduler.config), steps=args.steps, guidance=g, seed=args.seed)
             secs = time.time() - t0
-            acc = attribute_accuracy(score_images(ev, x, scenes))
+            per_image = score_images(ev, x, scenes)
+            acc = attribute_accuracy(per_image)
+            by_kind = {
+                kind: {"n": len(idx), "all": attribute_accuracy([per_image[i] for i in idx])["all"]}
+                for kind in dict.fromkeys(s.kind for s in scenes)
+                for idx in [[i for i, s in enumerate(scenes) if s.kind == kind]]
+            }
             feats = ev.embed(x)
             results[f"{name}/guidance={g}"] = {
                 "attribute_accuracy": acc,
+                "all_by_kind": by_kind,
                 "frechet_distance": frechet_distance(feats, real_feats),
                 "mmd_x1000": 1000 * mmd(feats, real_feats),
                 "sampling_seconds": round(secs, 1),
@@ -136,7 +143,9 @@ def write_readme(base: Path, report: dict) -> None:
     for k, v in report["results"].items():
         fd = f"{v['frechet_distance']:.1f}" if "frechet_distance" in v else "-"
         mm = f"{v['mmd_x1000']:.1f}" if "mmd_x1000" in v else "-"
-        lines.append(f"| {k} | {_fmt(v['attribute_accuracy'])} | {fd} | {mm} |")
+        kinds = v.get("all_by_kind", {})
+        by = "; whole scene right by kind: " + ", ".join(f"{kk} {vv['all']:.2f} (n={vv['n']})" for kk, vv in kinds.items()) if len(kinds) > 1 else ""
+        lines.append(f"| {k} | {_fmt(v['attribute_accuracy'])}{by} | {fd} | {mm} |")
     (base / "README.md").write_text("\n".join(lines) + "\n")
 
 
