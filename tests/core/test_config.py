@@ -130,7 +130,7 @@ def test_swapping_a_slot_drops_settings_the_new_component_lacks(preset_dir, adho
         def aptp_register_routers(self, registry):
             registry.add("one", One)
 
-    from conftest import AdHocPlugin
+    from adhoc_plugin import AdHocPlugin
 
     registry = load_registry(extra_plugins=[AdHocPlugin(), Plugin()])
     (preset_dir / "router" / "one.yaml").write_text("name: one\n")

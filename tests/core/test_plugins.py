@@ -5,7 +5,7 @@ from aptp.core.hookspecs import hookimpl
 from aptp.core.plugins import BLOCK_ENV, default_registry, load_registry, make_plugin_manager
 from aptp.core.registry import KINDS
 
-from conftest import AdHocPlugin, ProjectionRouter
+from adhoc_plugin import AdHocPlugin, ProjectionRouter
 
 
 def test_builtins_come_from_aptp_entry_points():

@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 
 from aptp.pipeline import RoutedPipeline
 
-from conftest import read_log, run_experiment
+from runs import read_log, run_experiment
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_log
+from runs import read_log
 
 ARGS = ["smoke", "backbone.resolution=16", "pruner.progress=false", "router.num_experts=2",
         "pruner.steps=6", "pruner.warmup_steps=0", "pruner.batch_size=8", "pruner.lr=0.1", "pruner.scale_lr=false",

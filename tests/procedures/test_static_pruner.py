@@ -2,7 +2,7 @@ import torch
 
 from aptp.core.errors import ConfigError
 
-from conftest import read_log, run_experiment
+from runs import read_log, run_experiment
 
 STATIC = ["pruner=static", "router=single", "assignment=random", "pruner.finetune.steps=25",
           "pruner.finetune.batch_size=4", "pruner.finetune.lr=1e-3", "pruner.finetune.denoise=0",
