@@ -101,6 +101,7 @@ class LabelAnalysis:
     ami: float  # adjusted mutual information (corrected for chance; ~0 for random routing)
     ari: float  # adjusted Rand index
     kept_by_label: list[LabelKept] | None  # sorted by mean kept ratio, largest first; None without architectures
+    kept_eta2: float | None = None  # share of the variance of the prompts' kept ratios explained by the label
 
     def label_shares(self) -> np.ndarray:
         """(K, L) share of each expert's prompts that carry each label (rows sum to 1; 0 for idle experts)."""
@@ -310,13 +311,17 @@ def _label_analysis(column: str, values: list[str], ids: np.ndarray, K: int,
         nmi = float(normalized_mutual_info_score(lab, ids))
         ami = float(adjusted_mutual_info_score(lab, ids))
         ari = float(adjusted_rand_score(lab, ids))
-    kept_by_label = None
+    kept_by_label, kept_eta2 = None, None
     if kept is not None:
         per_prompt = np.asarray(kept, dtype=np.float64)[ids]  # (N,)
         kept_by_label = [LabelKept(v, int((lab == j).sum()), float(per_prompt[lab == j].mean()),
                                    float(per_prompt[lab == j].std())) for j, v in enumerate(names)]
         kept_by_label.sort(key=lambda r: (-r.mean_kept, r.label))
-    return LabelAnalysis(column, names, table.tolist(), nmi, ami, ari, kept_by_label)
+        # eta^2 = between-label sum of squares / total sum of squares (0: same compute for every label)
+        total = float(((per_prompt - per_prompt.mean()) ** 2).sum())
+        between = sum(r.count * (r.mean_kept - per_prompt.mean()) ** 2 for r in kept_by_label)
+        kept_eta2 = float(between / total) if total > 0 else 0.0
+    return LabelAnalysis(column, names, table.tolist(), nmi, ami, ari, kept_by_label, kept_eta2)
 
 
 # --- distinguishing words -----------------------------------------------------------------------
@@ -395,6 +400,11 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _short(text: str, width: int = 28) -> str:
+    """A label cut to ``width`` characters for a figure's tick."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -444,7 +454,9 @@ def _write_figures(a: RoutingAnalysis, out: Path, dpi: int) -> dict[str, str]:
         name = _safe(col)
         shares = la.label_shares()  # (K, L)
         L = len(la.labels)
-        fig, ax = plt.subplots(figsize=(min(2.0 + 0.55 * L, 18), 1.6 + 0.4 * K))
+        ticks = [_short(v) for v in la.labels]
+        longest = max(len(t) for t in ticks)  # rotated 45 degrees below the heatmap
+        fig, ax = plt.subplots(figsize=(min(3.0 + 0.1 * longest + 0.55 * L, 24), 1.6 + 0.4 * K + 0.07 * longest))
         im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=max(shares.max(), 1e-9), aspect="auto")
         for k in range(K):
             for j in range(L):
@@ -453,7 +465,7 @@ def _write_figures(a: RoutingAnalysis, out: Path, dpi: int) -> dict[str, str]:
                     ax.text(j, k, str(c), ha="center", va="center", fontsize=7,
                             color="white" if shares[k, j] > 0.6 * shares.max() else "black")
         ax.set_xticks(range(L))
-        ax.set_xticklabels(la.labels, rotation=45, ha="right", fontsize=8)
+        ax.set_xticklabels(ticks, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_yticks(range(K))
         ax.set_yticklabels([f"{k} (n={a.load[k]}" + ("" if a.kept_ratios is None else f", {a.kept_ratios[k]:.2f}")
                             + ")" for k in range(K)], fontsize=8)
@@ -474,7 +486,7 @@ def _write_figures(a: RoutingAnalysis, out: Path, dpi: int) -> dict[str, str]:
             ax.barh(y, [r.mean_kept for r in rows], xerr=[r.std_kept for r in rows], color="tab:blue",
                     error_kw={"elinewidth": 0.8, "ecolor": "0.4"})
             ax.set_yticks(y)
-            ax.set_yticklabels([f"{r.label} (n={r.count})" for r in rows], fontsize=8)
+            ax.set_yticklabels([f"{_short(r.label)} (n={r.count})" for r in rows], fontsize=8)
             overall = a.mean_kept
             if overall is not None:
                 ax.axvline(overall, color="tab:red", lw=1, ls="--", label=f"all prompts {overall:.3f}")
@@ -482,7 +494,7 @@ def _write_figures(a: RoutingAnalysis, out: Path, dpi: int) -> dict[str, str]:
             lo = min(r.mean_kept - r.std_kept for r in rows)
             ax.set_xlim(max(0.0, lo - 0.05), 1.0 + 0.01)
             ax.set_xlabel("mean kept-MACs ratio of the prompts' experts (bars: std)")
-            ax.set_title(f"Kept MACs per {col}", fontsize=10)
+            ax.set_title(f"Kept MACs per {col} (eta² {la.kept_eta2:.3f})", fontsize=10)
             fig.tight_layout()
             fname = f"kept_macs_per_label_{name}.png"
             fig.savefig(out / fname, dpi=dpi)
@@ -533,11 +545,13 @@ def _markdown(a: RoutingAnalysis, figs: dict[str, str]) -> str:
     for col, la in a.labels.items():
         add(f"## {col}\n")
         add(f"Experts vs {col}: NMI **{la.nmi:.3f}**, AMI {la.ami:.3f}, ARI {la.ari:.3f} "
-            f"({len(la.labels)} labels; NMI 1 = the experts are exactly the labels, AMI/ARI ~0 = no more than chance).\n")
+            f"({len(la.labels)} labels; NMI 1 = the experts are exactly the labels, "
+            "AMI/ARI ~0 = no more than chance).\n")
         if la.kept_by_label is None:
             add("Kept MACs per label: unavailable (the bundle has no unit space + architectures).\n")
         else:
             add(f"### Mean kept-MACs ratio per {col} (largest experts first)\n")
+            add(f"{col} explains {la.kept_eta2:.1%} of the variance of the prompts' kept-MACs ratios (eta²).\n")
             add(f"![kept MACs per {col}]({figs[f'kept:{col}']})\n")
             add(f"| {_md_cell(col)} | prompts | mean kept | std |")
             add("|---|---:|---:|---:|")
@@ -558,7 +572,8 @@ def _markdown(a: RoutingAnalysis, figs: dict[str, str]) -> str:
     add("## What each expert's prompts are about\n")
     add("Distinguishing words: weighted log-odds with an informative Dirichlet prior (Monroe et al. 2008), "
         "the expert's prompts vs all others; z > 2 is a clear difference. `share` = fraction of the expert's "
-        "prompts with the word (vs the other prompts). Examples: the prompts the router scores highest for the expert.\n")
+        "prompts with the word (vs the other prompts). Examples: the prompts the router scores highest for "
+        "the expert.\n")
     for e in a.experts:
         head = f"### Expert {e.expert}: {e.load} prompts"
         if e.kept_ratio is not None:

@@ -25,7 +25,8 @@ Writes to --out (default ROUTER_DIR/analysis):
 
 For each label column it measures how strongly experts and labels go together: NMI (normalised
 mutual information; 1 = experts are exactly the labels, 0 = independent or one expert), AMI (the
-same corrected for chance) and ARI (adjusted Rand index). For each expert it lists the words that
+same corrected for chance) and ARI (adjusted Rand index); and, with kept MACs, the mean kept-MACs
+ratio per label and the share of the variance of the prompts' kept MACs the label explains (eta²). For each expert it lists the words that
 distinguish its prompts from the others (weighted log-odds, Monroe et al. 2008) and example prompts.
 Kept MACs need a bundle saved with its unit space and architectures; otherwise they are reported
 as unavailable. Works for every router kind (ot, kmeans, nearest, single).
@@ -100,7 +101,8 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     if result.mean_kept is not None:
         print(f"mean kept-MACs ratio: {result.mean_kept:.3f}")
     for col, la in result.labels.items():
-        print(f"{col}: NMI {la.nmi:.3f}  AMI {la.ami:.3f}  ARI {la.ari:.3f}")
+        eta = "" if la.kept_eta2 is None else f"  kept-MACs variance explained (eta²) {la.kept_eta2:.3f}"
+        print(f"{col}: NMI {la.nmi:.3f}  AMI {la.ami:.3f}  ARI {la.ari:.3f}{eta}")
     for note in result.notes:
         print(f"note: {note}")
     print(f"report: {report}")

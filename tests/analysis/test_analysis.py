@@ -64,6 +64,7 @@ def test_kept_macs_per_label_sorted_with_counts(tmp_path, encoder, topic_prompts
     assert [r.mean_kept for r in rows] == pytest.approx([1.0, 0.95])
     assert rows[1].label == small_topic and rows[0].std_kept == pytest.approx(0.0)
     assert a.mean_kept == pytest.approx(0.975)
+    assert a.labels["Topic"].kept_eta2 == pytest.approx(1.0)  # the topic decides the expert, hence the compute
 
 
 def test_kept_macs_unavailable_without_architectures(tmp_path, encoder, topic_prompts, topic_embeddings):
@@ -83,7 +84,7 @@ def test_single_router_reports_one_expert_and_nmi_zero(tmp_path, encoder, topic_
     assert a.num_experts == 1 and a.load == [len(prompts)] and set(a.expert_ids) == {0}
     for col in ("Topic", "Constant"):  # sklearn would score two constant labellings as 1.0
         la = a.labels[col]
-        assert (la.nmi, la.ami, la.ari) == (0.0, 0.0, 0.0)
+        assert (la.nmi, la.ami, la.ari) == (0.0, 0.0, 0.0) and la.kept_by_label is None
     assert a.experts[0].words == []  # nothing to contrast with
     assert "takes every prompt" in write_report(a, tmp_path / "out").read_text()
 
