@@ -110,14 +110,15 @@ class AptpPruner(Pruner):
 
     def run(self, composition, output_dir: Path) -> dict[str, Any]:
         output_dir = Path(output_dir)
-        ctx = prepare_context(composition, self.config.data, output_dir, progress=self.config.progress,
-                              min_snr_gamma=self.config.min_snr_gamma)
-        router = composition.require("router")
+        router = composition.require("router")  # fail before loading any model
         if not hasattr(router, "bind") or not hasattr(router, "code_gates"):
             raise ConfigError(
                 f"pruner 'aptp' learns architecture codes and needs router 'ot', got a "
                 f"{type(router).__name__}; use pruner=static for routers that do not learn codes."
             )
+        composition.require("balancer")
+        ctx = prepare_context(composition, self.config.data, output_dir, progress=self.config.progress,
+                              min_snr_gamma=self.config.min_snr_gamma)
         router.bind(ctx.unit_space, ctx.encoder.dim)
         phase1 = self.phase1(ctx, router)
         phase2 = self.phase2(ctx, router)

@@ -40,10 +40,10 @@ class StaticPruner(Pruner):
 
     def run(self, composition, output_dir: Path) -> dict[str, Any]:
         c = self.config
+        router = composition.require("router")  # fail before loading any model
+        assignment = composition.require("assignment")
         ctx = prepare_context(composition, c.data, Path(output_dir), progress=c.progress,
                               min_snr_gamma=c.min_snr_gamma)
-        router = composition.require("router")
-        assignment = composition.require("assignment")
         embeddings = ctx.all_embeddings()  # (N, D)
         router.fit(embeddings)
         router.eval()

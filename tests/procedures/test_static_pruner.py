@@ -1,4 +1,4 @@
-import torch
+import pytest
 
 from aptp.core.errors import ConfigError
 
@@ -30,9 +30,5 @@ def test_kmeans_router_with_per_cluster_taylor(tmp_path):
 
 
 def test_static_pruner_names_what_is_missing(tmp_path):
-    try:
+    with pytest.raises(ConfigError, match="needs a 'assignment'"):
         run_experiment(tmp_path, ["pruner=static", "router=single"])
-    except ConfigError as exc:
-        assert "needs a 'assignment'" in str(exc)
-    else:
-        raise AssertionError("a static run without an assignment must fail")
