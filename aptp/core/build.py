@@ -69,7 +69,8 @@ class Composition:
             kind = SLOTS[slot][0]
             known = ", ".join(self.registry[kind].names())
             raise ConfigError(
-                f"experiment '{self.name}' needs a '{slot}' (one of: {known}); add it to its defaults "
+                f"experiment '{self.name}' needs {'an' if slot[0] in 'aeiou' else 'a'} '{slot}' (one of: {known}); add it "
+                f"to its defaults "
                 f"list or pass {slot}=<preset> on the command line."
             )
         return value

@@ -30,5 +30,5 @@ def test_kmeans_router_with_per_cluster_taylor(tmp_path):
 
 
 def test_static_pruner_names_what_is_missing(tmp_path):
-    with pytest.raises(ConfigError, match="needs a 'assignment'"):
+    with pytest.raises(ConfigError, match="needs an 'assignment'"):
         run_experiment(tmp_path, ["pruner=static", "router=single"])
