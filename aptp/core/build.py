@@ -68,10 +68,10 @@ class Composition:
         if value is None or value == []:
             kind = SLOTS[slot][0]
             known = ", ".join(self.registry[kind].names())
+            article = "an" if slot[0] in "aeiou" else "a"
             raise ConfigError(
-                f"experiment '{self.name}' needs {'an' if slot[0] in 'aeiou' else 'a'} '{slot}' (one of: {known}); add it "
-                f"to its defaults "
-                f"list or pass {slot}=<preset> on the command line."
+                f"experiment '{self.name}' needs {article} '{slot}' (one of: {known}); add it to its "
+                f"defaults list or pass {slot}=<preset> on the command line."
             )
         return value
 
