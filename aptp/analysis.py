@@ -226,8 +226,13 @@ def analyze(bundle_or_dir: Any, prompts: Any, labels: Mapping[str, Sequence[str]
 
     # route exactly as aptp route does (argmax of the router's scores), keeping the embeddings
     z = _encode(bundle.encoder, prompts, progress)  # (N, D)
-    with torch.no_grad():
-        routing = bundle.router.route(z)
+    was_training = bundle.router.training
+    try:
+        bundle.router.eval()  # inference routing, whatever state an in-memory router is in
+        with torch.no_grad():
+            routing = bundle.router.route(z)
+    finally:
+        bundle.router.train(was_training)
     ids = routing.expert_ids.cpu().numpy().astype(np.int64)  # (N,)
     scores = routing.scores.detach().cpu().to(torch.float64).numpy()  # (N, K)
     K = int(bundle.num_experts)
@@ -249,9 +254,21 @@ def analyze(bundle_or_dir: Any, prompts: Any, labels: Mapping[str, Sequence[str]
 
     label_results = {c: _label_analysis(c, values, ids, K, kept) for c, values in labels.items()}
     xy, map_note = embedding_map(z.numpy(), map_method, seed=seed)
-    return RoutingAnalysis(str(bundle.info.get("router", {}).get("name", type(bundle.router).__name__)),
-                           source, K, list(prompts), ids.tolist(), load.tolist(), kept, experts,
+    return RoutingAnalysis(_router_name(bundle), source, K, list(prompts), ids.tolist(), load.tolist(), kept, experts,
                            label_results, map_method, xy, map_note, notes)
+
+
+def _router_name(bundle: Any) -> str:
+    """The router's registered name: from bundle.json, else looked up in the registry, else its class name."""
+    name = bundle.info.get("router", {}).get("name")
+    if name:
+        return str(name)
+    from aptp.core.plugins import default_registry
+
+    for spec in default_registry()["router"]:
+        if spec.factory is type(bundle.router):
+            return spec.name
+    return type(bundle.router).__name__
 
 
 def _encode(encoder: Any, prompts: list[str], progress: bool | None) -> torch.Tensor:

@@ -198,3 +198,15 @@ def test_log_odds_ranks_the_word_unique_to_an_expert_first():
     assert words[2] == []  # an expert without prompts
     z = {w.word: w.z for w in words[1]}
     assert z["blue"] > z["whale"] > 0  # 3 of 3 prompts beat 2 of 3
+
+
+def test_in_memory_bundle_named_from_the_registry(encoder, topic_prompts, topic_embeddings):
+    from aptp.routers.bundle import RouterBundle
+
+    prompts, topics = topic_prompts
+    r = KMeansRouter(KMeansRouterConfig(num_experts=2))
+    r.fit(topic_embeddings)
+    r.train()
+    a = analyze(RouterBundle(encoder, r), prompts, {"Topic": topics}, top_words=1, examples=0)
+    assert a.router == "kmeans" and a.source == "" and r.training  # the caller's mode is restored
+    assert all(len(e.words) == 1 and e.examples == [] for e in a.experts)
