@@ -11,6 +11,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from aptp._compat import ensure_torchvision_importable
+ensure_torchvision_importable()  # before anything imports transformers (see aptp/_compat.py)
+
 from aptp.core.build import Composition, build
 from aptp.core.config import load_experiment
 from aptp.core.hookspecs import hookimpl
