@@ -158,6 +158,88 @@ class Backbone(Component, abc.ABC):
             x = scheduler.step(pred, t, x, generator=generator).prev_sample
         return self.decode(modules, x).float()
 
+    # --- experts on disk (optional; the defaults fit diffusers models and plain nn.Modules) ------
+    def save_denoiser(self, denoiser: nn.Module, directory: str | Path) -> None:
+        """Write a (cut) denoiser's weights, and what rebuilds its dense form, into ``directory``.
+
+        Default (:func:`save_denoiser_files`): diffusers' ``save_pretrained`` when the model has it
+        (``config.json`` of the dense model it was cut from + ``diffusion_pytorch_model.safetensors``),
+        else its state dict as ``model.safetensors``. Override for models with another format."""
+        save_denoiser_files(denoiser, directory)
+
+    def dense_denoiser_for(self, directory: str | Path) -> nn.Module:
+        """The dense denoiser a saved one was cut from, with shapes only (``meta`` device): loading
+        an expert cuts it to the stored architecture and then assigns the saved weights.
+
+        Default: the diffusers class named in ``directory/config.json`` built from that config when
+        the folder has one (what ``save_pretrained`` wrote), else ``self.build_denoiser('meta')``."""
+        model = diffusers_model_from_config(directory)
+        return model if model is not None else self.build_denoiser("meta")
+
+    def load_denoiser_state(self, directory: str | Path) -> dict[str, torch.Tensor]:
+        """The weights :meth:`save_denoiser` wrote, as a state dict (default: :func:`load_denoiser_files`)."""
+        return load_denoiser_files(directory)
+
+
+#: file names the default :meth:`Backbone.save_denoiser` writes
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+MODULE_WEIGHTS = "model.safetensors"
+
+
+def save_denoiser_files(denoiser: nn.Module, directory: str | Path) -> None:
+    """diffusers' ``save_pretrained`` when ``denoiser`` has it, else ``model.safetensors`` of its state dict."""
+    directory = Path(directory)
+    if hasattr(denoiser, "save_pretrained"):
+        denoiser.save_pretrained(str(directory), safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
+    save_file(state, str(directory / MODULE_WEIGHTS))
+
+
+def diffusers_model_from_config(directory: str | Path) -> nn.Module | None:
+    """The diffusers model that ``directory/config.json`` names (``_class_name``), built on the
+    ``meta`` device; None when the folder holds no such config."""
+    import json
+
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    name = json.loads(path.read_text()).get("_class_name")
+    if not name:
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"{path} names _class_name={name!r}, which diffusers {diffusers.__version__} does not "
+                         "define; install the diffusers version it was saved with, or override "
+                         "Backbone.dense_denoiser_for.")
+    with torch.device("meta"):
+        return cls.from_config(cls.load_config(str(directory)))
+
+
+def load_denoiser_files(directory: str | Path) -> dict[str, torch.Tensor]:
+    """State dict from ``diffusion_pytorch_model.safetensors`` (single or sharded) or ``model.safetensors``."""
+    import json
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for name in (DIFFUSERS_WEIGHTS, MODULE_WEIGHTS):
+        if (directory / name).is_file():
+            return load_file(str(directory / name))
+    index = directory / f"{DIFFUSERS_WEIGHTS}.index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{directory} holds no {DIFFUSERS_WEIGHTS}, sharded index or {MODULE_WEIGHTS}; "
+                                "it is not a saved denoiser (write one with Backbone.save_denoiser).")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(str(directory / shard)))
+    return state
+
 
 # ------------------------------------------------------------------------------------ granularity
 #: Returns the current gates of one unit group, (B, n_units), or None when the model runs ungated.

@@ -24,7 +24,14 @@ from torch import nn
 
 from aptp.core.config import config_to_dict
 from aptp.core.errors import IncompatibleError
-from aptp.core.interfaces import Conditioning, Granularity
+from aptp.core.interfaces import (
+    Backbone,
+    Conditioning,
+    Granularity,
+    diffusers_model_from_config,
+    load_denoiser_files,
+    save_denoiser_files,
+)
 from aptp.core.units import UnitSpace
 from aptp.pruners.gating import build_unit_space, cut_model, kind_of
 
@@ -38,7 +45,11 @@ def save_expert(directory: str | Path, expert: nn.Module, architecture: torch.Te
     """Write ``expert`` (a cut diffusers model, e.g. from :func:`cut_model`) and how to rebuild it."""
     directory = Path(directory)
     space.check(architecture)
-    expert.save_pretrained(str(directory), safe_serialization=True)
+    bb = _backbone(backbone)
+    if bb is not None:  # the backbone decides the weights' format (Backbone.save_denoiser)
+        bb.save_denoiser(expert, directory)
+    else:
+        save_denoiser_files(expert, directory)
     arch = (architecture.detach().cpu() >= 0.5).to(torch.float32)
     meta = {
         "format": EXPERT_FORMAT,
@@ -79,6 +90,17 @@ def _granularities(specs: list[dict[str, Any]]) -> list[Granularity]:
     return out
 
 
+def _backbone(config: dict[str, Any] | None) -> Backbone | None:
+    """The backbone an expert's ``backbone`` config (with its registered ``name``) builds, or None."""
+    if not config or "name" not in config:
+        return None
+    from aptp.core.config import instantiate_config
+    from aptp.core.plugins import default_registry
+
+    spec = default_registry()["backbone"].get(config["name"])
+    return spec.build(instantiate_config(spec, dict(config)))
+
+
 def _state_dict(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -96,20 +118,23 @@ def _state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 def load_expert(directory: str | Path, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild a saved expert: dense UNet from config (meta) -> cut to the stored architecture -> weights."""
-    from diffusers import UNet2DConditionModel
-
+    """Rebuild a saved expert: the backbone's dense denoiser (meta; ``Backbone.dense_denoiser_for``) -> cut to
+    the stored architecture -> the saved weights (``Backbone.load_denoiser_state``)."""
     directory = Path(directory)
     meta = read_expert_meta(directory)
-    with torch.device("meta"):
-        model = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(directory)))
+    bb = _backbone(meta.get("backbone"))
+    model = bb.dense_denoiser_for(directory) if bb is not None else diffusers_model_from_config(directory)
+    if model is None:
+        raise IncompatibleError(f"expert {directory} names no backbone and holds no diffusers config.json; "
+                                "it cannot be rebuilt.")
     grans = _granularities(meta["granularities"])
     c = meta["conditioning"]
     cond = Conditioning(tuple(c["sample_shape"]), int(c["text_len"]), int(c["text_dim"]))
     space = build_unit_space(model, grans, cond)
     space.require_same(meta["unit_space"]["fingerprint"], f"expert {directory}")
     model = cut_model(model, space, grans, torch.tensor(meta["architecture"], dtype=torch.float32), inplace=True)
-    model.load_state_dict(_state_dict(directory), strict=True, assign=True)
+    state = bb.load_denoiser_state(directory) if bb is not None else load_denoiser_files(directory)
+    model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise IncompatibleError(f"expert {directory} has no weights for {left[:5]}; the folder is incomplete.")
