@@ -26,10 +26,11 @@ Writes to --out (default ROUTER_DIR/analysis):
 For each label column it measures how strongly experts and labels go together: NMI (normalised
 mutual information; 1 = experts are exactly the labels, 0 = independent or one expert), AMI (the
 same corrected for chance) and ARI (adjusted Rand index); and, with kept MACs, the mean kept-MACs
-ratio per label and the share of the variance of the prompts' kept MACs the label explains (eta²). For each expert it lists the words that
-distinguish its prompts from the others (weighted log-odds, Monroe et al. 2008) and example prompts.
-Kept MACs need a bundle saved with its unit space and architectures; otherwise they are reported
-as unavailable. Works for every router kind (ot, kmeans, nearest, single).
+ratio per label and the share of the variance of the prompts' kept MACs the label explains (eta²).
+For each expert it lists the words that distinguish its prompts from the others (weighted log-odds,
+Monroe et al. 2008) and example prompts. Kept MACs need a bundle saved with its unit space and
+architectures; otherwise they are reported as unavailable. Works for every router kind (ot, kmeans,
+nearest, single).
 
 PROMPTS is one prompt per line, or a TSV/CSV with a 'Prompt' column; its other columns are labels
 (PartiPrompts.tsv: Category, Challenge, Note)."""
