@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import BAKING_WORDS, OCEAN_WORDS, make_unit_space
+from analysis_helpers import BAKING_WORDS, OCEAN_WORDS, make_unit_space
 
 from aptp.analysis import RoutingAnalysis, analyze, distinguishing_words, tokenize, write_report
 from aptp.core.errors import ConfigError

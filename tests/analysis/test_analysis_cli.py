@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_unit_space
+from analysis_helpers import make_unit_space
 
 from aptp.analysis_cli import main
 from aptp.routers.bundle import save_router_bundle
