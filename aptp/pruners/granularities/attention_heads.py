@@ -105,7 +105,7 @@ class AttentionHeads(Granularity):
                 return None
             x = args[0]  # (B, N, h d)
             cg = units_to_channels(expand_gates(g, x.shape[0], group.path), d)  # (B, h d)
-            return (x * cg.to(x.dtype).unsqueeze(1), *args[1:])
+            return (x * cg.to(device=x.device, dtype=x.dtype).unsqueeze(1), *args[1:])
 
         return HookHandles([a.to_out[0].register_forward_pre_hook(pre_hook)])
 

@@ -128,7 +128,8 @@ class Depth(Granularity):
                     b = b / module.output_scale_factor
                 else:
                     b = x
-                gj = expand_gates(g, y.shape[0], p)[:, j].to(y.dtype)[:, None, None, None]  # (B, 1, 1, 1)
+                gj = expand_gates(g, y.shape[0], p)[:, j].to(device=y.device, dtype=y.dtype)  # (B,)
+                gj = gj[:, None, None, None]  # (B, 1, 1, 1)
                 return _with_out(output, b + gj * (y - b))
 
             handles.append(m.register_forward_hook(hook, with_kwargs=True))

@@ -100,7 +100,7 @@ class FFN(Granularity):
                 return None
             x = args[0]  # (B, N, F)
             cg = units_to_channels(expand_gates(g, x.shape[0], group.path), s)  # (B, F)
-            return (x * cg.to(x.dtype).unsqueeze(1), *args[1:])
+            return (x * cg.to(device=x.device, dtype=x.dtype).unsqueeze(1), *args[1:])
 
         return HookHandles([ff.net[2].register_forward_pre_hook(pre_hook)])
 

@@ -91,7 +91,7 @@ class ResnetChannels(Granularity):
                 return None
             x = args[0]  # (B, C, H, W)
             cg = units_to_channels(expand_gates(g, x.shape[0], group.path), s)  # (B, C)
-            return (x * cg.to(x.dtype)[:, :, None, None], *args[1:])
+            return (x * cg.to(device=x.device, dtype=x.dtype)[:, :, None, None], *args[1:])
 
         return HookHandles([r.conv2.register_forward_pre_hook(pre_hook)])
 
