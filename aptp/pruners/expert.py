@@ -101,21 +101,6 @@ def _backbone(config: dict[str, Any] | None) -> Backbone | None:
     return spec.build(instantiate_config(spec, dict(config)))
 
 
-def _state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    single = directory / "diffusion_pytorch_model.safetensors"
-    if single.is_file():
-        return load_file(str(single))
-    index = directory / "diffusion_pytorch_model.safetensors.index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"{directory} holds no diffusion_pytorch_model.safetensors (nor a sharded index).")
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        state.update(load_file(str(directory / shard)))
-    return state
-
-
 def load_expert(directory: str | Path, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild a saved expert: the backbone's dense denoiser (meta; ``Backbone.dense_denoiser_for``) -> cut to

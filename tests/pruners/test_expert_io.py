@@ -28,7 +28,7 @@ def saved_expert(tmp_path_factory, tiny_backbone, tiny_unet, tiny_spaces):
         for p in expert.parameters():
             p.add_(0.01 * torch.randn_like(p))
     folder = save_expert(tmp_path_factory.mktemp("expert") / "e0", expert, arch, space, grans,
-                         tiny_backbone.conditioning(), backbone=config_to_dict(tiny_backbone.config))
+                         tiny_backbone.conditioning(), backbone={"name": "unet", **config_to_dict(tiny_backbone.config)})
     return folder, expert, arch, space
 
 
