@@ -27,8 +27,9 @@ def saved_expert(tmp_path_factory, tiny_backbone, tiny_unet, tiny_spaces):
     with torch.no_grad():  # an expert is fine-tuned after the cut: its weights are its own
         for p in expert.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    backbone = {"name": "unet", **config_to_dict(tiny_backbone.config)}  # the registered backbone reference
     folder = save_expert(tmp_path_factory.mktemp("expert") / "e0", expert, arch, space, grans,
-                         tiny_backbone.conditioning(), backbone={"name": "unet", **config_to_dict(tiny_backbone.config)})
+                         tiny_backbone.conditioning(), backbone=backbone)
     return folder, expert, arch, space
 
 
