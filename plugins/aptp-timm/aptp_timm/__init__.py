@@ -1,0 +1,29 @@
+"""aptp-timm: an aptp plugin built on timm.
+
+* backbone ``timm_dit`` -- a DiT-style denoiser whose body is timm's Vision Transformer
+  :class:`timm.models.vision_transformer.Block` s, conditioned in context on prompt token states
+  (see :mod:`aptp_timm.model`);
+* granularities ``timm_heads`` (heads of timm's fused-qkv ``Attention``), ``timm_mlp`` (hidden
+  width of timm's ``Mlp``) and ``timm_blocks`` (whole ``Block`` s as residual bypasses), generic over
+  any model made of those timm modules (see :mod:`aptp_timm.granularities`).
+
+aptp finds them only through this distribution's ``[project.entry-points.aptp]``
+(``aptp_timm = "aptp_timm.plugin"``); block them with ``APTP_BLOCK_PLUGINS=aptp_timm``.
+
+Presets for ``aptp run`` ship in :data:`CONFIG_DIR`; put it on ``APTP_CONFIG_PATH``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The torchvision wheel that pip pairs with a CPU torch is a CUDA build; make it importable
+# before anything imports timm (which imports torchvision). See aptp/_compat.py.
+from aptp._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
+__version__ = "0.1.0"
+
+#: Folder of this plugin's presets (``backbone/timm_dit.yaml``, ``granularity/timm.yaml``, ...).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"

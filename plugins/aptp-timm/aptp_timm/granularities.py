@@ -1,0 +1,316 @@
+"""Granularities for timm's own module types, in any denoiser made of them.
+
+Each gate multiplies activations exactly where the physical cut removes them (a forward pre-hook
+on the *consumer* of the pruned width), so a hard-gated model and the cut model compute the same
+function; cuts copy the dense weights first, then slice (nothing is re-initialised).
+
+===============  =============================  ==============================  ===========================
+registered name  unit                           gate                            physical cut
+===============  =============================  ==============================  ===========================
+``timm_heads``   one head of ``timm.layers.     input of ``proj`` (B, N, h d)   ``qkv`` rows of the head in
+                 Attention`` (fused qkv)        x per-head gate                 q, k and v; ``gate`` rows;
+                                                                                ``proj`` columns;
+                                                                                ``num_heads``, ``attn_dim``
+``timm_mlp``     a group of the hidden width    input of ``fc2`` (B, N, H)      ``fc1`` rows, ``fc2``
+                 of ``timm.layers.Mlp``         x per-group gate                columns
+``timm_blocks``  a whole ViT ``Block``          residual bypass                 block -> ``nn.Identity``
+                 (pre-norm residual)            ``y <- x + g (y - x)``
+===============  =============================  ==============================  ===========================
+
+MACs per unit come from aptp's analytic tracer (:func:`aptp.core.resources.trace_modules`, one
+forward on the ``meta`` device), which counts ``nn.Linear`` / ``nn.Conv2d`` matmuls. It does not
+count the two attention matmuls of timm's ``Attention`` (it only knows diffusers' ``Attention``), so
+neither the dense total nor the head units include them; see the plugin README.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from aptp.core.errors import ShapeError
+from aptp.core.interfaces import Conditioning, GateGetter, Granularity
+from aptp.core.resources import Trace, on_meta, trace_modules
+from aptp.core.units import UnitGroup
+from aptp_timm import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+from timm.layers import Attention, Mlp  # noqa: E402  (after the torchvision guard)
+from timm.models.vision_transformer import Block  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------- helpers
+class Handles:
+    """Hook handles that remove together (what ``Granularity.attach`` returns)."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def trace_denoiser(denoiser: nn.Module, conditioning: Conditioning) -> Trace:
+    """Per-sample shapes and MACs of every module: one batch-1 forward on the ``meta`` device, called
+    the way aptp calls denoisers (``model(sample, t, encoder_hidden_states=text, return_dict=False)``)."""
+    c, h, w = conditioning.sample_shape
+    dtype = next(denoiser.parameters()).dtype
+    sample = torch.zeros(1, c, h, w, device="meta", dtype=dtype)
+    t = torch.full((1,), 10, device="meta", dtype=torch.long)
+    text = torch.zeros(1, conditioning.text_len, conditioning.text_dim, device="meta", dtype=dtype)
+    with on_meta(denoiser) as model:
+        return trace_modules(model, sample, t, encoder_hidden_states=text, return_dict=False)
+
+
+def expand_gates(g: torch.Tensor, batch: int, where: str) -> torch.Tensor:
+    """Gates (B_g, n) or (n,) -> (batch, n); rows tile when ``batch`` is a multiple of B_g (CFG)."""
+    g = g.unsqueeze(0) if g.dim() == 1 else g
+    if g.shape[0] == batch:
+        return g
+    if batch % g.shape[0] == 0:
+        return g.repeat(batch // g.shape[0], 1)
+    raise ShapeError(f"gates for {where} have batch {g.shape[0]} but the activations have batch {batch}; "
+                     f"pass one gate row per sample or a number of rows dividing {batch}.")
+
+
+def channel_index(keep: torch.Tensor, width: int) -> torch.Tensor:
+    """Channels of the kept units, each unit a contiguous run of ``width``: (n,) bool -> (k * width,) long."""
+    units = torch.nonzero(keep.to(torch.bool).cpu()).flatten()  # (k,)
+    return (units[:, None] * width + torch.arange(width)[None]).flatten()
+
+
+def slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    """Keep output ``rows`` / input ``cols`` of ``lin`` in place: the dense weights, sliced."""
+    w = lin.weight.detach()
+    if rows is not None:
+        w = w[rows.to(w.device)]
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(lin.bias.detach()[rows.to(w.device)].clone(), lin.bias.requires_grad)
+        lin.out_features = int(rows.numel())
+    if cols is not None:
+        w = w[:, cols.to(w.device)]
+        lin.in_features = int(cols.numel())
+    lin.weight = nn.Parameter(w.clone(), lin.weight.requires_grad)
+
+
+def _linear_params(lin: nn.Linear, rows: int = 0, cols: int = 0) -> int:
+    """Parameters of ``rows`` output rows (weights + bias) plus ``cols`` input columns of ``lin``."""
+    return rows * (lin.in_features + (1 if lin.bias is not None else 0)) + cols * lin.out_features
+
+
+def _modules(denoiser: nn.Module, cls: type) -> list[tuple[str, nn.Module]]:
+    return [(p, m) for p, m in denoiser.named_modules() if type(m) is cls]
+
+
+def _gate_input(width: int, gates: GateGetter, where: str) -> Callable[[nn.Module, tuple], tuple | None]:
+    """A forward pre-hook multiplying the consumer's input (B, N, n * width) by unit gates (B, n)."""
+
+    def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+        g = gates()  # (B_g, n) or None (ungated)
+        if g is None:
+            return None
+        x = args[0]  # (B, N, n * width)
+        cg = expand_gates(g, x.shape[0], where).repeat_interleave(width, dim=-1)  # (B, n * width)
+        return (x * cg.to(x.dtype).unsqueeze(1), *args[1:])
+
+    return pre_hook
+
+
+# ------------------------------------------------------------------------------------ heads
+@dataclass
+class TimmHeadsConfig:
+    """Whole heads of every ``timm.layers.Attention`` (no parameters)."""
+
+
+class TimmHeads(Granularity):
+    """Heads of timm's fused-qkv ``Attention`` (gate before ``proj``; cut qkv rows / proj columns)."""
+
+    config_class = TimmHeadsConfig
+    kind = "timm_heads"
+
+    @staticmethod
+    def _check(path: str, attn: nn.Module) -> None:
+        if not isinstance(attn.norm, nn.Identity):
+            raise ValueError(f"{path}: timm Attention with scale_norm (a {type(attn.norm).__name__} over all heads "
+                             "before proj) mixes heads, so a per-head gate is not exact; drop 'timm_heads' here.")
+
+    def unit_groups(self, denoiser: nn.Module, conditioning: Conditioning) -> list[UnitGroup]:
+        tr = trace_denoiser(denoiser, conditioning)
+        groups = []
+        for path, a in _modules(denoiser, Attention):
+            self._check(path, a)
+            h, d = a.num_heads, a.head_dim
+            parts = ["qkv", "proj"] + (["gate"] if a.gate is not None else [])
+            macs = sum(tr.macs(f"{path}.{n}") for n in parts)
+            params = _linear_params(a.qkv, rows=3 * d) + _linear_params(a.proj, cols=d)
+            if a.gate is not None:
+                params += _linear_params(a.gate, rows=d)
+            groups.append(UnitGroup(self.kind, path, h, macs / h, params, meta={"head_dim": d}))
+        return groups
+
+    def unit_magnitude(self, denoiser: nn.Module, group: UnitGroup) -> torch.Tensor:
+        """(h,) L2 norm of each head's q, k, v (and gate) rows and proj columns."""
+        a = denoiser.get_submodule(group.path)
+        sq = a.qkv.weight.detach().float().pow(2).sum(1).view(3, -1).sum(0)  # (h d,)
+        if a.gate is not None:
+            sq = sq + a.gate.weight.detach().float().pow(2).sum(1)
+        sq = sq + a.proj.weight.detach().float().pow(2).sum(0)
+        return sq.view(group.num_units, -1).sum(1).sqrt().cpu()
+
+    def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> Handles:
+        a = denoiser.get_submodule(group.path)
+        return Handles([a.proj.register_forward_pre_hook(_gate_input(a.head_dim, gates, group.path))])
+
+    def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
+        a = denoiser.get_submodule(group.path)
+        idx = channel_index(keep, a.head_dim)  # (k d,) within one of q, k, v
+        width = a.attn_dim  # h d: qkv rows are [q | k | v], each (heads, head_dim) row-major
+        slice_linear(a.qkv, rows=torch.cat([idx + part * width for part in range(3)]))
+        if a.gate is not None:
+            slice_linear(a.gate, rows=idx)
+        slice_linear(a.proj, cols=idx)
+        a.num_heads = int(keep.to(torch.bool).sum())
+        a.attn_dim = int(idx.numel())
+
+
+# -------------------------------------------------------------------------------------- mlp
+@dataclass
+class TimmMlpConfig:
+    """num_units: groups of the hidden width per ``Mlp`` (must divide it; capped at the width)."""
+
+    num_units: int = 16
+
+    def __post_init__(self) -> None:
+        if self.num_units < 1:
+            raise ValueError(f"num_units={self.num_units} must be >= 1 (e.g. 16 or 32 groups per Mlp).")
+
+
+class TimmMlp(Granularity):
+    """Hidden width of timm's ``Mlp`` in groups (gate before ``fc2``; cut fc1 rows / fc2 columns)."""
+
+    config_class = TimmMlpConfig
+    kind = "timm_mlp"
+
+    def _layout(self, path: str, mlp: nn.Module) -> tuple[int, int]:
+        """(n units, channels per unit)."""
+        if not isinstance(mlp.fc1, nn.Linear):
+            raise ValueError(f"{path}: Mlp with use_conv=True ({type(mlp.fc1).__name__}) is not supported; drop 'timm_mlp'.")
+        if not isinstance(mlp.norm, nn.Identity):
+            raise ValueError(f"{path}: Mlp with a {type(mlp.norm).__name__} over its hidden width mixes the groups, "
+                             "so a gate before fc2 is not exact; drop 'timm_mlp' for this model.")
+        f = mlp.fc2.in_features
+        n = min(self.config.num_units, f)
+        if f % n:
+            raise ValueError(f"{path}: hidden width {f} is not divisible by num_units={self.config.num_units}; "
+                             f"choose a divisor of {f}.")
+        return n, f // n
+
+    def unit_groups(self, denoiser: nn.Module, conditioning: Conditioning) -> list[UnitGroup]:
+        tr = trace_denoiser(denoiser, conditioning)
+        groups = []
+        for path, m in _modules(denoiser, Mlp):
+            n, s = self._layout(path, m)
+            macs = tr.macs(f"{path}.fc1") + tr.macs(f"{path}.fc2")
+            params = _linear_params(m.fc1, rows=s) + _linear_params(m.fc2, cols=s)
+            groups.append(UnitGroup(self.kind, path, n, macs / n, params, meta={"channels_per_unit": s}))
+        return groups
+
+    def unit_magnitude(self, denoiser: nn.Module, group: UnitGroup) -> torch.Tensor:
+        """(n,) L2 norm of each group's fc1 rows and fc2 columns."""
+        m = denoiser.get_submodule(group.path)
+        sq = m.fc1.weight.detach().float().pow(2).sum(1) + m.fc2.weight.detach().float().pow(2).sum(0)  # (H,)
+        return sq.view(group.num_units, -1).sum(1).sqrt().cpu()
+
+    def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> Handles:
+        m = denoiser.get_submodule(group.path)
+        s = m.fc2.in_features // group.num_units
+        return Handles([m.fc2.register_forward_pre_hook(_gate_input(s, gates, group.path))])
+
+    def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
+        m = denoiser.get_submodule(group.path)
+        idx = channel_index(keep, m.fc2.in_features // group.num_units)  # (kept hidden channels,)
+        slice_linear(m.fc1, rows=idx)
+        slice_linear(m.fc2, cols=idx)
+
+
+# ----------------------------------------------------------------------------------- blocks
+@dataclass
+class TimmBlocksConfig:
+    """protect: blocks at each end of every stack that are never dropped (DiT's first and last
+    blocks carry the most)."""
+
+    protect: int = 1
+
+    def __post_init__(self) -> None:
+        if self.protect < 0:
+            raise ValueError(f"protect={self.protect} must be >= 0 (blocks kept at each end of a stack).")
+
+
+def _middle_out(indices: list[int]) -> list[int]:
+    """Drop priority within a stack: the middle block first, then alternating outwards."""
+    mid = (len(indices) - 1) / 2
+    return sorted(indices, key=lambda i: (abs(i - mid), i))
+
+
+class TimmBlocks(Granularity):
+    """Whole timm ViT ``Block`` s as droppable units (residual bypass: a dropped block is the identity)."""
+
+    config_class = TimmBlocksConfig
+    kind = "timm_blocks"
+    group_path = "timm_blocks"
+
+    def block_paths(self, denoiser: nn.Module) -> list[str]:
+        """Droppable blocks in drop priority (unit 0 drops first): per stack (blocks sharing a
+        parent), middle-out, the ``protect`` first and last blocks excluded."""
+        stacks: dict[str, list[str]] = {}
+        for path, _ in _modules(denoiser, Block):
+            stacks.setdefault(path.rpartition(".")[0], []).append(path)
+        out: list[str] = []
+        for paths in stacks.values():
+            k = self.config.protect
+            inner = list(range(k, len(paths) - k))
+            out += [paths[i] for i in _middle_out(inner)]
+        if not out:
+            raise ValueError(f"no droppable timm Block in {type(denoiser).__name__} with protect={self.config.protect}; "
+                             "lower protect or drop 'timm_blocks'.")
+        return out
+
+    def unit_groups(self, denoiser: nn.Module, conditioning: Conditioning) -> list[UnitGroup]:
+        tr = trace_denoiser(denoiser, conditioning)
+        paths = self.block_paths(denoiser)
+        macs = [tr.macs_under(p) for p in paths]
+        params = [sum(t.numel() for t in denoiser.get_submodule(p).parameters()) for p in paths]
+        return [UnitGroup(self.kind, self.group_path, len(paths), sum(macs) / len(paths), sum(params) // len(paths),
+                          unit_paths=tuple(paths), unit_macs=tuple(macs), unit_params=tuple(params),
+                          meta={"order": "drop priority: unit 0 drops first"})]
+
+    def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> Handles:
+        handles = []
+        for j, p in enumerate(group.unit_paths):
+
+            def hook(module: nn.Module, args: tuple, kwargs: dict, y: torch.Tensor, j: int = j, p: str = p) -> Any:
+                g = gates()  # (B_g, n) or None
+                if g is None:
+                    return None
+                x = args[0] if args else kwargs["x"]  # (B, N, D), the block's input = its bypass
+                gj = expand_gates(g, y.shape[0], p)[:, j].to(y.dtype)[:, None, None]  # (B, 1, 1)
+                return x + gj * (y - x)
+
+            handles.append(denoiser.get_submodule(p).register_forward_hook(hook, with_kwargs=True))
+        return Handles(handles)
+
+    def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
+        for j, p in enumerate(group.unit_paths):
+            if not bool(keep[j]):
+                parent, _, name = p.rpartition(".")
+                holder = denoiser.get_submodule(parent)
+                if isinstance(holder, (nn.ModuleList, nn.Sequential)):
+                    holder[int(name)] = nn.Identity()
+                else:
+                    setattr(holder, name, nn.Identity())
