@@ -8,3 +8,10 @@ def aptp_register_backbones(registry):
     from aptp.backbones.unet import UNetBackbone
 
     registry.add("unet", UNetBackbone)
+    registry.add("dit", _dit())
+
+
+def _dit():
+    from aptp.backbones.transformer import DiTBackbone
+
+    return DiTBackbone

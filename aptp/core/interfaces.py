@@ -200,8 +200,8 @@ def save_denoiser_files(denoiser: nn.Module, directory: str | Path) -> None:
 
 
 def diffusers_model_from_config(directory: str | Path) -> nn.Module | None:
-    """The diffusers model that ``directory/config.json`` names (``_class_name``), built on the
-    ``meta`` device; None when the folder holds no such config."""
+    """The diffusers model that ``directory/config.json`` names (``_class_name``), its parameters on
+    the ``meta`` device; None when the folder holds no such config."""
     import json
 
     path = Path(directory) / "config.json"
@@ -217,7 +217,11 @@ def diffusers_model_from_config(directory: str | Path) -> nn.Module | None:
         raise ValueError(f"{path} names _class_name={name!r}, which diffusers {diffusers.__version__} does not "
                          "define; install the diffusers version it was saved with, or override "
                          "Backbone.dense_denoiser_for.")
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    # Parameters on meta (they are assigned from the saved weights); buffers real, because
+    # non-persistent ones (e.g. PixArt's sin-cos position table) are not in the saved state.
+    with init_empty_weights(include_buffers=False):
         return cls.from_config(cls.load_config(str(directory)))
 
 
