@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from aptp.backbones.presets import PRESETS
+from aptp.core.assets import resolve_asset
 from aptp.core.errors import ConfigError
 from aptp.core.interfaces import Backbone, BackboneModules, Conditioning
 
@@ -77,9 +78,14 @@ class UNetBackbone(Backbone):
 
     config_class = UNetBackboneConfig
 
+    @property
+    def pretrained(self) -> str | None:
+        """``config.pretrained`` with ``aptp:<asset>`` resolved to the folder shipped in the package."""
+        return resolve_asset(self.config.pretrained)
+
     # --- where things are ---------------------------------------------------------------------
     def _local(self) -> Path | None:
-        p = self.config.pretrained
+        p = self.pretrained
         return Path(p) if p is not None and Path(p).is_dir() else None
 
     def _unet_location(self) -> tuple[str, str | None]:
@@ -92,11 +98,11 @@ class UNetBackbone(Backbone):
                 f"pretrained={self.config.pretrained!r} holds neither unet/config.json nor config.json; "
                 "point it at a diffusers pipeline folder or a saved UNet."
             )
-        return str(self.config.pretrained), "unet"
+        return str(self.pretrained), "unet"
 
     def unet_config(self) -> dict[str, Any]:
         """The UNet's diffusers config (from the pretrained folder or the preset)."""
-        if self.config.pretrained is None:
+        if self.pretrained is None:
             return dict(PRESETS[self.config.preset]["unet"])
         from diffusers import UNet2DConditionModel
 
@@ -106,7 +112,7 @@ class UNetBackbone(Backbone):
     def _has_vae(self) -> bool:
         if self.config.vae is None:
             return False
-        if self.config.pretrained is None:
+        if self.pretrained is None:
             return True
         local = self._local()
         return local is None or (local / "vae").is_dir()
@@ -114,11 +120,11 @@ class UNetBackbone(Backbone):
     def vae_config(self) -> dict[str, Any] | None:
         if not self._has_vae():
             return None
-        if self.config.pretrained is None:
+        if self.pretrained is None:
             return dict(PRESETS[self.config.preset]["vae"])
         from diffusers import AutoencoderKL
 
-        return dict(AutoencoderKL.load_config(self.config.pretrained, subfolder="vae"))
+        return dict(AutoencoderKL.load_config(self.pretrained, subfolder="vae"))
 
     def vae_scale_factor(self) -> int:
         cfg = self.vae_config()
@@ -138,7 +144,7 @@ class UNetBackbone(Backbone):
     def build_denoiser(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
         from diffusers import UNet2DConditionModel
 
-        if self.config.pretrained is not None and str(device) != "meta":
+        if self.pretrained is not None and str(device) != "meta":
             path, sub = self._unet_location()
             unet = UNet2DConditionModel.from_pretrained(path, subfolder=sub, torch_dtype=dtype)
             return unet.to(device).eval()
@@ -178,7 +184,7 @@ class UNetBackbone(Backbone):
         kind = self.config.text_encoder
         if kind != "auto":
             return kind
-        if self.config.pretrained is not None:
+        if self.pretrained is not None:
             local = self._local()
             return "clip" if local is None or (local / "text_encoder").is_dir() else "none"
         return "none" if self.config.preset == "sd21" else "clip"
@@ -197,9 +203,9 @@ class UNetBackbone(Backbone):
             return AutoModel.from_pretrained(path, torch_dtype=dtype).to(device).eval(), tok
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-        if self.config.pretrained is not None:
-            enc = CLIPTextModel.from_pretrained(self.config.pretrained, subfolder="text_encoder", torch_dtype=dtype)
-            tok = CLIPTokenizer.from_pretrained(self.config.pretrained, subfolder="tokenizer")
+        if self.pretrained is not None:
+            enc = CLIPTextModel.from_pretrained(self.pretrained, subfolder="text_encoder", torch_dtype=dtype)
+            tok = CLIPTokenizer.from_pretrained(self.pretrained, subfolder="tokenizer")
             return enc.to(device).eval(), tok
         from aptp.backbones.tokenizer import BYTE_CLIP_BOS, BYTE_CLIP_EOS, byte_clip_tokenizer
 
@@ -215,8 +221,8 @@ class UNetBackbone(Backbone):
             return None
         from diffusers import AutoencoderKL
 
-        if self.config.pretrained is not None:
-            return AutoencoderKL.from_pretrained(self.config.pretrained, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        if self.pretrained is not None:
+            return AutoencoderKL.from_pretrained(self.pretrained, subfolder="vae", torch_dtype=dtype).to(device).eval()
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(self.config.seed + 2)
             vae = AutoencoderKL.from_config(PRESETS[self.config.preset]["vae"])
@@ -225,10 +231,10 @@ class UNetBackbone(Backbone):
     def _scheduler(self) -> Any:
         import diffusers
 
-        if self.config.pretrained is not None:
+        if self.pretrained is not None:
             local = self._local()
             if local is None or (local / "scheduler").is_dir():
-                cfg = diffusers.DDIMScheduler.load_config(self.config.pretrained, subfolder="scheduler")
+                cfg = diffusers.DDIMScheduler.load_config(self.pretrained, subfolder="scheduler")
                 cls = getattr(diffusers, cfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
                 return cls.from_config(cfg)
         return diffusers.DDIMScheduler.from_config(PRESETS[self.config.preset]["scheduler"])
