@@ -17,7 +17,8 @@ Hard assignment (:meth:`assign`): ``rounding="argmax"`` is the paper's argmax of
 greedily by plan value (:func:`balanced_assignment`). It equals the argmax whenever the argmax
 already gives every expert floor or ceil of B/K rows, and fixes what argmax does on skewed or tied
 scores (all prompts identical, or all codes equal at initialisation: argmax sends every row to
-expert 0). Under torch.distributed the rounding balances each process's own rows.
+expert 0). Under torch.distributed the global plan is rounded (each process keeps its rows), so N
+processes assign exactly as one process does on the whole batch.
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ class _Rounded(Balancer):
     """Shared :meth:`assign`: the configured rounding of :meth:`plan`."""
 
     def assign(self, scores: torch.Tensor) -> torch.Tensor:
-        q = self.plan(scores)  # (B, K)
+        q = self.plan(scores)  # (b, K) this process's rows of the global plan
         if getattr(self.config, "rounding", "argmax") == "balanced":
-            return balanced_assignment(q)
+            # Round the global plan, keep the local rows: N processes assign as one would.
+            q_all, offset = D.all_gather_rows(q, keep_grad=False)  # (B, K)
+            return balanced_assignment(q_all)[offset:offset + q.shape[0]]
         return q.argmax(dim=-1)
 
 
