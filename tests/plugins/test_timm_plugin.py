@@ -103,6 +103,34 @@ def test_blocked_by_env_the_cli_lists_and_composes_without_it():
     assert cfg.returncode == 0, cfg.stderr
 
 
+def _site_without_the_plugin(tmp_path):
+    """A copy (symlinks) of this environment's site-packages without aptp-timm's files: what
+    ``pip uninstall aptp-timm`` leaves (timm and everything else stay)."""
+    import sysconfig
+    from pathlib import Path
+
+    real = Path(sysconfig.get_paths()["purelib"])
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    for entry in real.iterdir():
+        if "aptp_timm" not in entry.name and "aptp-timm" not in entry.name:
+            (site / entry.name).symlink_to(entry)
+    return site
+
+
+def test_uninstalled_the_cli_lists_composes_and_runs_builtins_without_it(tmp_path):
+    site = _site_without_the_plugin(tmp_path)
+    code = (f"import site, sys; site.addsitedir({str(site)!r}); import importlib.util as u; "
+            "assert u.find_spec('aptp_timm') is None, 'plugin still importable'; "
+            "from aptp.cli import main; sys.exit(main(sys.argv[1:]))")
+    for args in (["list"], ["config", "smoke"]):
+        # -S: no site-packages but the stripped copy
+        out = subprocess.run([sys.executable, "-S", "-c", code, *args], capture_output=True, text=True, env=_env(),
+                             cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "timm" not in out.stdout and "unet" in out.stdout
+
+
 def test_torchvision_guard_lets_timm_and_the_hf_stack_import_in_a_fresh_process():
     code = "import aptp, timm, torchvision, transformers, diffusers, sentence_transformers; print(timm.__version__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
