@@ -13,10 +13,11 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+$(STAMP): pyproject.toml plugins/aptp-timm/pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(PIP_C) -e '.[dev]'
+	$(PY) -m pip install --quiet $(PIP_C) -e plugins/aptp-timm
 	touch $(STAMP)
 
 install: $(STAMP)
