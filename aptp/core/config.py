@@ -59,10 +59,14 @@ class ExperimentSettings:
 
 def config_search_path(extra: Sequence[str | Path] = ()) -> list[Path]:
     """Folders searched for ``<kind>/<preset>.yaml``, first match wins: ``extra``, the folders in
-    ``$APTP_CONFIG_PATH`` (``os.pathsep``-separated), ``./configs``, then aptp's own presets."""
+    ``$APTP_CONFIG_PATH`` (``os.pathsep``-separated), ``./configs``, the plugins' preset folders
+    (hook ``aptp_config_dirs``), then aptp's own presets."""
+    from aptp.core.plugins import plugin_config_dirs
+
     paths = [Path(p) for p in extra]
     paths += [Path(p) for p in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if p]
     paths.append(Path.cwd() / "configs")
+    paths += [Path(p) for p in plugin_config_dirs()]
     paths.append(Path(__file__).resolve().parents[2] / "configs")
     seen, out = set(), []
     for p in paths:
@@ -167,8 +171,10 @@ def compose(
         _drop_foreign_keys(raw, composed, slot, registry, source)
     try:
         composed = OmegaConf.merge(composed, raw)
-        if values:
-            composed = OmegaConf.merge(composed, OmegaConf.from_dotlist(values))
+        for item in values:  # one by one: a dotted key may index into a list slot (granularity.1.x=2)
+            key, _ = item.split("=", 1)
+            value = OmegaConf.from_dotlist([item.replace(key, "value", 1)]).value
+            OmegaConf.update(composed, key, value, merge=True, force_add=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{source}: cannot apply overrides {list(values)}: {exc}") from None
     return validate(composed, registry, source)

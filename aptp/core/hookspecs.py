@@ -95,3 +95,13 @@ def aptp_register_metrics(registry: KindRegistry) -> None:
 
     Each factory is a subclass of :class:`aptp.core.interfaces.Metric`.
     """
+
+
+@hookspec
+def aptp_config_dirs() -> list[str]:
+    """Folders of presets this plugin ships, laid out like aptp's ``configs/``
+    (``backbone/<preset>.yaml``, ``experiment/<name>.yaml``, ...).
+
+    They are searched after ``--config-dir``, ``$APTP_CONFIG_PATH`` and ``./configs`` and before
+    aptp's own presets; blocking the plugin hides them.
+    """

@@ -89,3 +89,14 @@ def _cached(blocked: frozenset[str]) -> Registry:
 def default_registry() -> Registry:
     """The registry of installed plugins, cached per value of ``APTP_BLOCK_PLUGINS``."""
     return _cached(blocked_from_env())
+
+
+@functools.lru_cache(maxsize=8)
+def _config_dirs(blocked: frozenset[str]) -> tuple[str, ...]:
+    pm = make_plugin_manager(block=blocked)
+    return tuple(str(d) for dirs in pm.hook.aptp_config_dirs() for d in (dirs or []))
+
+
+def plugin_config_dirs() -> list[str]:
+    """Preset folders of the installed (and not blocked) plugins, cached per ``APTP_BLOCK_PLUGINS``."""
+    return list(_config_dirs(blocked_from_env()))

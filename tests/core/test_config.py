@@ -137,3 +137,20 @@ def test_swapping_a_slot_drops_settings_the_new_component_lacks(preset_dir, adho
     with pytest.warns(UserWarning, match="'router.dim' is ignored"):
         cfg = load(preset_dir, registry, ["router=one"])
     assert dict(cfg.router) == {"name": "one", "num_experts": 1}
+
+
+def test_override_inside_a_list_slot(tmp_path, adhoc_registry):
+    from aptp.core.config import compose
+
+    (tmp_path / "router").mkdir()
+    (tmp_path / "router" / "p.yaml").write_text("name: projection\n")
+    raw = {"defaults": [{"router": "p"}], "metrics": []}
+    cfg = compose(raw, ["router.dim=5"], registry=adhoc_registry, search_path=[tmp_path])
+    assert cfg.router.dim == 5
+    with pytest.raises(ConfigError, match="cannot apply overrides.*metrics.3"):
+        compose(raw, ["metrics.3.name=x"], registry=adhoc_registry, search_path=[tmp_path])
+
+
+def test_override_indexes_into_granularity_list():
+    cfg = load_experiment("smoke", ["granularity.2.num_units=8"])
+    assert [g.get("num_units") for g in cfg.granularity if g.name == "ffn"] == [8]

@@ -14,8 +14,9 @@ def test_builtins_come_from_aptp_entry_points():
     assert {"aptp.backbones", "aptp.pruners", "aptp.routers", "aptp.metrics"} <= names
     dists = {dist.project_name for _, dist in pm.list_plugin_distinfo()}
     assert "aptp" in dists
-    for spec in default_registry().all_specs():
-        assert spec.provider.startswith("aptp."), spec
+    builtins = [s for s in default_registry().all_specs() if s.provider.startswith("aptp.")]
+    assert len(builtins) >= 20
+    for spec in builtins:  # built-ins: registered by aptp's own entry points, attributed to the aptp distribution
         assert spec.distribution and spec.distribution.startswith("aptp "), spec
 
 
@@ -95,3 +96,26 @@ def test_every_kind_has_a_hook():
     pm = make_plugin_manager()
     for kind in KINDS:
         assert hasattr(pm.hook, f"aptp_register_{'granularitie' if kind == 'granularity' else kind}s")
+
+
+def test_plugins_ship_presets_through_aptp_config_dirs(tmp_path, monkeypatch):
+    from aptp.core import plugins
+    from aptp.core.config import config_search_path, find_preset
+
+    (tmp_path / "router").mkdir()
+    (tmp_path / "router" / "shipped.yaml").write_text("name: projection\n")
+
+    class Shipping(AdHocPlugin):
+        @hookimpl
+        def aptp_config_dirs(self):
+            return [str(tmp_path)]
+
+    monkeypatch.setattr(plugins, "make_plugin_manager",
+                        lambda block=(), **kw: make_plugin_manager(block, extra_plugins=[Shipping()]))
+    plugins._config_dirs.cache_clear()
+    try:
+        assert find_preset("router", "shipped", config_search_path()) == tmp_path / "router" / "shipped.yaml"
+        monkeypatch.setenv(BLOCK_ENV, "adhoc")  # Shipping registers under the AdHocPlugin name
+        assert tmp_path not in config_search_path()
+    finally:
+        plugins._config_dirs.cache_clear()

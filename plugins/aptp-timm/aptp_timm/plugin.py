@@ -22,3 +22,10 @@ def aptp_register_granularities(registry):
 
     for cls in (TimmHeads, TimmMlp, TimmBlocks):
         registry.add(cls.kind, cls)
+
+
+@hookimpl
+def aptp_config_dirs():
+    from aptp_timm import CONFIG_DIR
+
+    return [str(CONFIG_DIR)]
