@@ -141,6 +141,7 @@ class AptpPruner(Pruner):
             set_rng_state(state["rng"])
             ctx.log(f"phase 1: resumed from step {start}")
         log = JsonlLogger(ctx.output_dir / "phase1.jsonl", enabled=ctx.is_main)
+        log.rewind(start)
         bar = tqdm(range(start, c.steps), desc="APTP phase 1", disable=not (c.progress and ctx.is_main),
                    initial=start, total=c.steps)
         w = c.weights

@@ -133,6 +133,18 @@ class JsonlLogger:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
+    def rewind(self, step: int, **match: Any) -> None:
+        """Drop records at or after ``step`` (those matching ``match``): a resumed run logs them again."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("step", -1) >= step and all(rec.get(k) == v for k, v in match.items()):
+                continue
+            keep.append(line)
+        self.path.write_text("".join(f"{line}\n" for line in keep))
+
 
 class TrainContext:
     """The frozen dense model with gates installed, the data, and the run folder."""
@@ -249,6 +261,9 @@ class TrainContext:
         loss on a fixed batch of its prompts before and after fine-tuning."""
         from aptp.pruners.expert import save_expert
 
+        final = self.output_dir / "experts" / f"expert-{k}"
+        if resume and (final / "finetune.json").is_file():  # finished in an earlier run
+            return json.loads((final / "finetune.json").read_text())["distill_before_after"]
         w_d, w_o, w_b = weights
         expert = self.cut(arch)
         expert.train().requires_grad_(True)
@@ -262,6 +277,7 @@ class TrainContext:
             set_rng_state(state["rng"])
         recorder = O.FeatureRecorder(self.backbone.feature_modules(expert))
         log = JsonlLogger(self.output_dir / "phase2.jsonl", enabled=self.is_main)
+        log.rewind(start, expert=k)
         eval_batch = self.batch(global_batch_indices(len(members), batch_size, self.seed, 0), -1 - k, subset=members)
         before = self._distillation(expert, eval_batch)
         bar = tqdm(range(start, steps), desc=f"expert {k} fine-tune", disable=not (self.progress and self.is_main),
@@ -299,10 +315,10 @@ class TrainContext:
         expert.eval().requires_grad_(False)
         after = self._distillation(expert, eval_batch)
         if self.is_main:
-            final = self.output_dir / "experts" / f"expert-{k}"
             tmp = final.with_name(f".{final.name}.tmp")
             save_expert(tmp, expert, arch, self.unit_space, self.granularities, self.conditioning,
                         backbone=OmegaConf.to_container(self.composition.config.backbone, resolve=True))
+            (tmp / "finetune.json").write_text(json.dumps({"steps": steps, "distill_before_after": [before, after]}))
             replace_dir(tmp, final)
         self.barrier()
         return [before, after]

@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -56,15 +58,17 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
               "pruner.scale_lr=false", "pruner.checkpoint_every=3", "pruner.phase2.steps=0",
               "pruner.data.num_samples=16"]
     full, _ = run_experiment(tmp_path / "full", common + ["pruner.steps=7"])
-    run_experiment(tmp_path / "cut", common + ["pruner.steps=5"])  # "killed" after step 5 (checkpoints 3, 5)
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints" / "phase1").iterdir()) == [
-        "step-00000003", "step-00000005"]
+    run_experiment(tmp_path / "cut", common + ["pruner.steps=5"])
+    ckpts = tmp_path / "cut" / "checkpoints" / "phase1"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000003", "step-00000005"]
+    shutil.rmtree(ckpts / "step-00000005")  # as if killed after logging step 4, before its checkpoint
     resumed, _ = run_experiment(tmp_path / "cut", common + ["pruner.steps=7"])
     steps = [r["step"] for r in read_log(tmp_path / "cut" / "phase1.jsonl")]
-    assert steps == list(range(7)), "the resumed run continues at step 5 and loses no logged step"
+    assert steps == list(range(7)), "resumed at step 3: steps 3-4 are redone and logged once"
     a, b = full.router.state_dict(), resumed.router.state_dict()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    for key in a:  # bit-level differences in reductions may show on a few entries after Adam steps
+        rel = (a[key] - b[key]).norm() / a[key].norm().clamp_min(1e-12)
+        assert rel < 1e-5, (key, float(rel))
 
 
 def test_aptp_pruner_needs_the_ot_router(tmp_path):

@@ -6,7 +6,10 @@ Each computes exactly what the hard-gated block computes when *all* of its units
   ``(shortcut(x) + b) / output_scale_factor``, where ``shortcut`` is the block's 1x1
   ``conv_shortcut`` (or the identity when in == out channels) and ``b`` is ``conv2``'s bias when the
   branch lost all its channels (a conv of zeros is its bias) or nothing when the block is dropped.
-* :class:`SkipTransformer` -- a ``Transformer2DModel`` reduced to its residual: output = input.
+* :class:`SkipTransformer` -- a ``Transformer2DModel`` reduced to its residual: output = input
+  (wrapped as diffusers returns it: a tuple or a ``Transformer2DModelOutput``).
+* :class:`SkipTransformerBlock` -- a dropped ``BasicTransformerBlock`` (DiT / PixArt): returns its
+  ``hidden_states`` tensor itself, as the block returns a bare tensor.
 * :class:`NoHeadAttention` -- an ``Attention`` with zero heads: ``to_out[0]`` of zeros = its bias.
 """
 
@@ -44,6 +47,17 @@ class SkipTransformer(nn.Module):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=hidden_states)
+
+
+class SkipTransformerBlock(nn.Module):
+    """A dropped ``BasicTransformerBlock``: ``hidden_states`` (B, N, C) in, the same tensor out.
+
+    Takes the block's call signature (``attention_mask=``, ``encoder_hidden_states=``, ``timestep=``,
+    ...) and ignores everything but ``hidden_states``.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
 
 
 class NoHeadAttention(nn.Module):

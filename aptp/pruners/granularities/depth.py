@@ -1,16 +1,32 @@
-"""Depth: the last ResNet and the last Transformer of each down/up stage of a UNet (14 on SD2.1).
+"""Depth: droppable blocks of a denoiser, as residual bypasses.
 
 Units form ONE unit group of kind ``depth``; ``unit_paths[j]`` is the block of unit ``j``. Units are
-listed in **drop priority**: unit 0 drops first. Stages go from the lowest resolution to the
-highest and each encoder block is followed by its decoder twin (``down_blocks[i]`` with
-``up_blocks[n-1-i]``); within a stage the Transformer pair comes before the ResNet pair. A monotone
-keep-probability over this order (softmax -> cumsum -> reversed, see method.md) thus drops blocks
-lowest-resolution first, encoder/decoder in pairs.
+listed in **drop priority**: unit 0 drops first, so a monotone keep-probability over this order
+(softmax -> cumsum -> reversed, see method.md) drops blocks in that fixed order.
+
+Which blocks, in which order:
+
+* **UNet** (``down_blocks`` / ``up_blocks``, 14 units on SD2.1): the last ResNet and the last
+  Transformer of each down/up stage. Stages go from the lowest resolution to the highest and each
+  encoder block is followed by its decoder twin (``down_blocks[i]`` with ``up_blocks[n-1-i]``);
+  within a stage the Transformer pair comes before the ResNet pair: lowest resolution first,
+  encoder/decoder in pairs.
+* **Transformer denoiser** (DiT / PixArt: a top-level ``transformer_blocks`` list of diffusers
+  ``BasicTransformerBlock`` s): every block but the ``protect`` first and ``protect`` last ones, in
+  **middle-out** order -- the middle block first, then alternating outwards (ties: the earlier
+  block first). DiTs have no resolution hierarchy to order by; block-removal studies of DiTs
+  (e.g. TinyFusion, arXiv 2412.01199; "Learning-to-Cache", arXiv 2406.01733) find the middle
+  blocks the most redundant and the first and last blocks (patch-token entry, output head) the
+  most important, hence ``protect=1`` by default. PixArt-alpha (28 blocks) gets 26 units:
+  ``13, 14, 12, 15, ..., 1, 26``.
 
 What "block -> identity" means physically (depth as a *residual bypass*):
 
-* ``Transformer2DModel``: output = ``proj_out(...) + residual``; dropped, it returns its input.
-  Gate: forward hook ``y <- x + g (y - x)``; cut: :class:`SkipTransformer`.
+* ``Transformer2DModel`` (UNet): output = ``proj_out(...) + residual``; dropped, it returns its
+  input. Gate: forward hook ``y <- x + g (y - x)``; cut: :class:`SkipTransformer`.
+* ``BasicTransformerBlock`` (DiT): output = ``x + attn1(...) + attn2(...) + ff(...)`` (residuals
+  inside); dropped, it returns its ``hidden_states`` input (a tensor, not a tuple). Gate: forward
+  hook ``y <- x + g (y - x)``; cut: :class:`SkipTransformerBlock`.
 * ``ResnetBlock2D``: output = ``(shortcut(x) + F(x)) / output_scale_factor``; dropped, the residual
   branch ``F`` goes and the shortcut stays. In down stages the last ResNet has in == out channels
   (shortcut = identity: the block becomes the identity). In up stages every ResNet takes
@@ -18,6 +34,9 @@ What "block -> identity" means physically (depth as a *residual bypass*):
   ``conv_shortcut`` (a few % of the block's MACs), which preserves the skip connection's
   information and the output width. Gate: forward hook ``y <- b + g (y - b)``,
   ``b = shortcut(x) / osf``; cut: :class:`ResidualBypass`.
+
+The gate is per sample, ``g`` (B,), reshaped to the rank of the block's output ((B, 1, 1, 1) for
+(B, C, H, W) UNet blocks, (B, 1, 1) for (B, N, C) transformer blocks).
 
 MACs per unit are the block's removable MACs (all of it for a Transformer, all but
 ``conv_shortcut`` for a ResNet); :func:`aptp.pruners.gating.build_unit_space` subtracts the width
@@ -35,19 +54,32 @@ from torch import nn
 from aptp.core.interfaces import Conditioning, GateGetter, Granularity
 from aptp.core.units import UnitGroup
 from aptp.pruners.granularities._common import HookHandles, expand_gates, get_module, set_module, trace
-from aptp.pruners.granularities._modules import ResidualBypass, SkipTransformer
+from aptp.pruners.granularities._modules import ResidualBypass, SkipTransformer, SkipTransformerBlock
 
 
 @dataclass
 class DepthConfig:
-    """resnets / transformers: whether the last ResNet / Transformer of each stage is a unit."""
+    """resnets / transformers: whether the last ResNet / Transformer of each UNet stage is a unit;
+    protect: transformer denoisers only -- blocks at each end of ``transformer_blocks`` that are never
+    dropped (the others drop middle-out)."""
 
     resnets: bool = True
     transformers: bool = True
+    protect: int = 1
 
     def __post_init__(self) -> None:
         if not (self.resnets or self.transformers):
             raise ValueError("depth with resnets=False and transformers=False has no units; enable one of them.")
+        if self.protect < 0:
+            raise ValueError(f"protect={self.protect} must be >= 0 (blocks kept at each end of transformer_blocks).")
+
+
+def middle_out(n: int, protect: int) -> list[int]:
+    """Drop priority of ``n`` stacked blocks: indices ``protect .. n-1-protect``, the middle first,
+    then alternating outwards (the earlier block first on ties). ``middle_out(6, 1) == [2, 3, 1, 4]``."""
+    inner = range(protect, n - protect)
+    mid = (n - 1) / 2
+    return sorted(inner, key=lambda i: (abs(i - mid), i))
 
 
 def _block_out(output: Any) -> torch.Tensor:
@@ -65,8 +97,24 @@ def _with_out(output: Any, y: torch.Tensor) -> Any:
     return y
 
 
+def _per_sample(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Gates (B,) -> (B, 1, ..., 1) of ``like``'s rank, so they scale whole samples of any layout."""
+    return g.to(device=like.device, dtype=like.dtype).view(-1, *[1] * (like.dim() - 1))
+
+
+def _transformer_stack(denoiser: nn.Module) -> nn.ModuleList | None:
+    """The top-level ``transformer_blocks`` of a DiT-style denoiser, or None."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    blocks = getattr(denoiser, "transformer_blocks", None)
+    if isinstance(blocks, nn.ModuleList) and len(blocks) and all(isinstance(b, BasicTransformerBlock) for b in blocks):
+        return blocks
+    return None
+
+
 class Depth(Granularity):
-    """Last ResNet and last Transformer of each down/up stage as droppable blocks (residual bypass)."""
+    """Droppable blocks as residual bypasses: the last ResNet / Transformer of each UNet stage, or the
+    inner ``transformer_blocks`` of a DiT-style transformer denoiser."""
 
     config_class = DepthConfig
     kind = "depth"
@@ -75,11 +123,25 @@ class Depth(Granularity):
     def block_paths(self, denoiser: nn.Module) -> list[str]:
         """Depth units in drop priority (unit 0 drops first)."""
         down, up = getattr(denoiser, "down_blocks", None), getattr(denoiser, "up_blocks", None)
-        if down is None or up is None or len(down) != len(up):
-            raise ValueError(
-                f"depth needs a UNet with as many down_blocks as up_blocks, got {type(denoiser).__name__}; "
-                "drop the 'depth' granularity for this denoiser."
-            )
+        if down is not None and up is not None and len(down) == len(up):
+            return self._unet_paths(denoiser, down, up)
+        stack = _transformer_stack(denoiser)
+        if stack is not None:
+            order = middle_out(len(stack), self.config.protect)
+            if not order:
+                raise ValueError(
+                    f"{type(denoiser).__name__} has {len(stack)} transformer_blocks and depth protects "
+                    f"protect={self.config.protect} at each end, so no block can drop; lower depth.protect "
+                    "or drop the 'depth' granularity."
+                )
+            return [f"transformer_blocks.{i}" for i in order]
+        raise ValueError(
+            f"depth needs a UNet with as many down_blocks as up_blocks, or a transformer denoiser with "
+            f"transformer_blocks of BasicTransformerBlock, got {type(denoiser).__name__}; drop the 'depth' "
+            "granularity for this denoiser."
+        )
+
+    def _unet_paths(self, denoiser: nn.Module, down: nn.ModuleList, up: nn.ModuleList) -> list[str]:
         n = len(down)
         out: list[str] = []
         for i in reversed(range(n)):  # lowest resolution first
@@ -117,25 +179,26 @@ class Depth(Granularity):
             m = get_module(denoiser, p)
             resnet = isinstance(m, ResnetBlock2D)
 
-            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, j: int = j, resnet: bool = resnet) -> Any:
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, j: int = j, resnet: bool = resnet,
+                     p: str = p) -> Any:
                 g = gates()  # (B_g, U_depth) or None
                 if g is None:
                     return None
-                y = _block_out(output)
+                y = _block_out(output)  # (B, C, H, W) UNet blocks, (B, N, C) transformer blocks
                 x = args[0] if args else kwargs["input_tensor" if resnet else "hidden_states"]
                 if resnet:  # b = shortcut(x) / osf, what the bypass computes
                     b = module.conv_shortcut(x) if module.conv_shortcut is not None else x
                     b = b / module.output_scale_factor
                 else:
                     b = x
-                gj = expand_gates(g, y.shape[0], p)[:, j].to(device=y.device, dtype=y.dtype)  # (B,)
-                gj = gj[:, None, None, None]  # (B, 1, 1, 1)
+                gj = _per_sample(expand_gates(g, y.shape[0], p)[:, j], y)  # (B, 1, ..., 1)
                 return _with_out(output, b + gj * (y - b))
 
             handles.append(m.register_forward_hook(hook, with_kwargs=True))
         return HookHandles(handles)
 
     def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
+        from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.resnet import ResnetBlock2D
 
         for j, p in enumerate(group.unit_paths):
@@ -144,5 +207,7 @@ class Depth(Granularity):
             m = get_module(denoiser, p)
             if isinstance(m, (ResnetBlock2D, ResidualBypass)):
                 set_module(denoiser, p, ResidualBypass(m.conv_shortcut, m.output_scale_factor))
+            elif isinstance(m, (BasicTransformerBlock, SkipTransformerBlock)):
+                set_module(denoiser, p, SkipTransformerBlock())
             else:
                 set_module(denoiser, p, SkipTransformer())
