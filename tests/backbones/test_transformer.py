@@ -62,12 +62,20 @@ def test_generic_heads_and_ffn_are_exact_on_the_transformer(tiny):
     assert report.macs_ratios[0] == 1.0 and report.macs_ratios[1] < 0.2
 
 
-def test_width_preset_applies_and_depth_refuses_with_a_clear_message(tiny):
+def test_width_and_both_presets_apply(tiny):
     model = tiny.build_denoiser()
     space = build_unit_space(model, _granularities("resnet_channels", "attention_heads", "ffn"), tiny.conditioning())
     assert space.kinds() == ["attention_heads", "ffn"]  # no ResNet in a transformer
-    with pytest.raises(ValueError, match="down_blocks"):
-        build_unit_space(model, _granularities("depth"), tiny.conditioning())
+    both = build_unit_space(model, _granularities("resnet_channels", "attention_heads", "ffn", "depth"),
+                            tiny.conditioning())
+    assert both.kinds() == ["attention_heads", "depth", "ffn"]
+    assert both.size == space.size + 2  # transformer_blocks.1 and .2 (the first and last are protected)
+
+
+def test_generic_depth_is_exact_on_the_transformer(tiny):
+    report = check_granularity_exactness(tiny, _granularities("attention_heads", "ffn", "depth"), num_architectures=5)
+    assert report.max_abs_diff <= 1e-5 * max(1.0, report.output_scale)
+    assert all(got == want for got, want in report.params)
 
 
 def test_expert_saves_and_loads_identically(tiny, tmp_path):

@@ -54,7 +54,8 @@ def test_pixart_heads_and_ffn_gate_cut_and_count(pixart):
         assert abs(float(space.kept_macs(arch)) / ref - 1) < 0.005
 
 
-def test_depth_refuses_a_transformer_denoiser_with_a_clear_message(pixart):
+def test_depth_on_two_blocks_has_nothing_to_drop_and_says_so(pixart):
+    """depth protects the first and last transformer block: a 2-block model has no depth unit."""
     model, cond = pixart
-    with pytest.raises(ValueError, match="down_blocks"):
+    with pytest.raises(ValueError, match="2 transformer_blocks and depth protects protect=1"):
         build_unit_space(model, make_granularities(["depth"]), cond)
