@@ -6,19 +6,33 @@ Two independent ways to count the multiply-accumulates (MACs) of one denoiser ca
   (MACs = FLOPs / 2). On CPU, PyTorch's SDPA kernel
   ``aten._scaled_dot_product_flash_attention_for_cpu`` has no FLOP formula; this module registers
   the standard one (``sdpa_flop_count``) so attention matmuls are counted on every device.
-* :func:`trace_modules` + :func:`module_macs` -- the *analytic* model the unit space is built
-  from: one forward (on the ``meta`` device: no memory, no compute) records the input/output shapes
-  of every ``nn.Conv2d``, ``nn.Linear`` and diffusers ``Attention``; MACs then follow from closed
-  formulas (conv: ``out.numel() * C_in/groups * kh * kw``; linear: ``rows * in * out``;
-  attention: ``2 * heads * N * M * d`` with M the key length, i.e. the text length for
-  cross-attention). Both count only matmul-like ops (norms, activations, additions are free), as
+* :func:`trace_modules` -- the *analytic* model the unit space is built from: one forward (on the
+  ``meta`` device: no memory, no compute) records the input/output shapes of every module, and a
+  *MACs formula* per module type gives the MACs of the module's own matmuls (conv:
+  ``out.numel() * C_in/groups * kh * kw``; linear: ``rows * in * out``; diffusers ``Attention``:
+  ``2 * heads * N * M * d`` with M the key length, i.e. the text length for cross-attention).
+  Both count only matmul-like ops (norms, activations, additions are free), as
   ``FlopCounterMode`` does.
+
+Extension point: a plugin whose module types do matmuls *outside* ``nn.Linear`` / ``nn.Conv2d``
+children (an attention's ``Q K^T`` and ``P V``, an einsum, a functional ``F.linear``) teaches the
+tracer about them with :func:`register_macs_formula`::
+
+    def attention_macs(module, args, kwargs, output) -> float:   # the module's own matmuls only,
+        b, n, _ = args[0].shape                                  # for the whole batch of this call
+        return 2.0 * b * n * n * module.attn_dim                 # Q K^T and P V
+
+    register_macs_formula(timm.layers.Attention, attention_macs)
+
+Formulas are looked up along the module's class hierarchy (a subclass inherits its base's formula
+unless it registers its own); children are traced and counted separately, so a formula must not
+count them again.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,24 +120,90 @@ def _is_attention(module: nn.Module) -> bool:
     return isinstance(module, Attention)
 
 
-def _leaf_macs(module: nn.Module, inp: tuple[int, ...], out: tuple[int, ...], key_len: int) -> float:
-    """Analytic MACs of one call of a matmul leaf, for the whole batch of that call."""
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        n = 1
-        for s in out:
-            n *= s
-        return float(n) * (module.in_channels // module.groups) * kh * kw
-    if isinstance(module, nn.Linear):
-        rows = 1
-        for s in inp[:-1]:
-            rows *= s
-        return float(rows) * module.in_features * module.out_features
-    if _is_attention(module):  # the two attention matmuls: Q K^T and P V
-        b, n = inp[0], (inp[1] if len(inp) == 3 else inp[2] * inp[3])
-        inner = module.to_q.out_features
-        return 2.0 * b * n * key_len * inner  # = 2 * B * heads * N * M * d
-    return 0.0
+# ------------------------------------------------------------------------------- MACs formulas
+#: ``formula(module, args, kwargs, output) -> MACs`` of one call of ``module``'s own matmuls (not its
+#: children's), for the whole batch of that call; ``args`` / ``kwargs`` / ``output`` are what the
+#: module's forward received and returned (meta tensors while tracing).
+MacsFormula = Callable[[nn.Module, tuple, dict, Any], float]
+
+_MACS_FORMULAS: dict[type, MacsFormula] = {}
+
+
+def register_macs_formula(module_type: type, formula: MacsFormula, *, replace: bool = False) -> None:
+    """Teach the analytic tracer the MACs of ``module_type``'s own matmuls.
+
+    ``formula(module, args, kwargs, output) -> float``: the multiply-accumulates of one call, for
+    the whole batch of the call (the tracer divides by the batch). Count only what the module
+    computes itself; its ``nn.Linear`` / ``nn.Conv2d`` children have their own formulas. Registering
+    a second, different formula for the same type is an error unless ``replace=True``; registering
+    the same function again does nothing.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_macs_formula takes an nn.Module subclass, got {module_type!r}.")
+    old = _MACS_FORMULAS.get(module_type)
+    if old is not None and old is not formula and not replace:
+        raise ValueError(
+            f"{module_type.__module__}.{module_type.__qualname__} already has the MACs formula "
+            f"{old.__module__}.{old.__qualname__}; pass replace=True to override it with "
+            f"{formula.__module__}.{formula.__qualname__}."
+        )
+    _MACS_FORMULAS[module_type] = formula
+
+
+def macs_formula(module: nn.Module) -> MacsFormula | None:
+    """The formula registered for ``type(module)`` or its nearest base class, or None (no own matmuls)."""
+    _register_builtin_formulas()
+    for cls in type(module).__mro__:
+        formula = _MACS_FORMULAS.get(cls)
+        if formula is not None:
+            return formula
+    return None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _conv2d_macs(module: nn.Conv2d, args: tuple, kwargs: dict, output: Any) -> float:
+    kh, kw = module.kernel_size
+    return float(_numel(_shape(output))) * (module.in_channels // module.groups) * kh * kw
+
+
+def _linear_macs(module: nn.Linear, args: tuple, kwargs: dict, output: Any) -> float:
+    x = args[0] if args else kwargs["input"]
+    return float(_numel(_shape(x)[:-1])) * module.in_features * module.out_features
+
+
+def _attention_macs(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> float:
+    """diffusers ``Attention``: the two attention matmuls, Q K^T and P V."""
+    inp = _shape(args[0] if args else kwargs.get("hidden_states"))
+    b, n = inp[0], (inp[1] if len(inp) == 3 else inp[2] * inp[3])
+    return 2.0 * b * n * _key_len(module, args, kwargs) * module.to_q.out_features  # = 2 B heads N M d
+
+
+def _key_len(module: nn.Module, args: tuple, kwargs: dict) -> int:
+    """M of a diffusers ``Attention`` call: the text length for cross-attention, else the query length."""
+    enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    if isinstance(enc, torch.Tensor):
+        return int(enc.shape[1])
+    inp = _shape(args[0] if args else kwargs.get("hidden_states"))
+    return inp[1] if len(inp) == 3 else inp[2] * inp[3]
+
+
+def _register_builtin_formulas() -> None:
+    """Conv2d, Linear and diffusers' Attention (imported lazily: resources does not need diffusers)."""
+    if nn.Linear in _MACS_FORMULAS:
+        return
+    register_macs_formula(nn.Conv2d, _conv2d_macs)
+    register_macs_formula(nn.Linear, _linear_macs)
+    try:
+        from diffusers.models.attention_processor import Attention
+    except ImportError:  # pragma: no cover - diffusers is a core dependency
+        return
+    register_macs_formula(Attention, _attention_macs)
 
 
 def trace_modules(model: nn.Module, *args: Any, **kwargs: Any) -> Trace:
@@ -136,25 +216,23 @@ def trace_modules(model: nn.Module, *args: Any, **kwargs: Any) -> Trace:
     batch = next((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), 1)
     handles = []
 
-    def hook(path: str):
+    def hook(path: str, formula: MacsFormula | None):
         def _hook(module: nn.Module, a: tuple, kw: dict, output: Any) -> None:
             x = a[0] if a else kw.get("hidden_states")
             inp = _shape(x)
             out = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
             rec = trace.records.setdefault(path, ModuleRecord(type(module).__name__))
-            key_len = 0
-            if _is_attention(module):
-                enc = kw.get("encoder_hidden_states", a[1] if len(a) > 1 else None)
-                key_len = enc.shape[1] if isinstance(enc, torch.Tensor) else (inp[1] if len(inp) == 3 else inp[2] * inp[3])
+            key_len = _key_len(module, a, kw) if _is_attention(module) else 0
             if rec.calls == 0:
                 rec.input_shape, rec.output_shape, rec.key_len = inp, _shape(out), key_len
             rec.calls += 1
-            rec.macs += _leaf_macs(module, inp, _shape(out), key_len) / max(inp[0] if inp else batch, 1)
+            if formula is not None:
+                rec.macs += float(formula(module, a, kw, output)) / max(inp[0] if inp else batch, 1)
 
         return _hook
 
     for path, module in model.named_modules():
-        handles.append(module.register_forward_hook(hook(path), with_kwargs=True))
+        handles.append(module.register_forward_hook(hook(path, macs_formula(module)), with_kwargs=True))
     try:
         with torch.no_grad():
             model(*args, **kwargs)

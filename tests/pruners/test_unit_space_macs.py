@@ -108,3 +108,52 @@ def test_uniform_architecture_meets_budget(tiny_spaces, ratio):
     arch = uniform_architecture(space, ratio)
     r = float(space.macs_ratio(arch))
     assert r <= ratio + 1e-9 and r > ratio - 0.05
+
+
+class _Bilinear(torch.nn.Module):
+    """A module whose only matmul is its own (no Linear child): y = x W x^T per token pair."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, N)
+        return (x @ self.w) @ x.transpose(1, 2)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(5, 8)
+        self.pair = _Bilinear(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pair(self.inp(x))
+
+
+def _bilinear_macs(module, args, kwargs, output) -> float:
+    b, n, d = args[0].shape
+    return float(b * n * d * d + b * n * n * d)  # x W, then (x W) x^T
+
+
+def test_a_registered_macs_formula_teaches_the_tracer_a_module_type():
+    from aptp.core.resources import macs_formula, register_macs_formula, trace_modules
+
+    net, x = _Net(), torch.randn(3, 6, 5)  # (B, N, D_in)
+    ref = flop_counter_macs(net, x)
+    assert macs_formula(net.pair) is None
+    assert trace_modules(net, x).total_macs == pytest.approx(6 * 5 * 8)  # the Linear only, per sample
+    register_macs_formula(_Bilinear, _bilinear_macs)
+    register_macs_formula(_Bilinear, _bilinear_macs)  # the same function again: a no-op
+    tr = trace_modules(net, x)
+    assert tr.macs("pair") == pytest.approx(6 * 8 * 8 + 6 * 6 * 8)
+    assert tr.total_macs * 3 == pytest.approx(ref, rel=1e-9)  # per sample x batch == FlopCounterMode
+
+    class Sub(_Bilinear):  # subclasses inherit their base's formula
+        pass
+
+    assert macs_formula(Sub(4)) is _bilinear_macs
+    with pytest.raises(ValueError, match="already has the MACs formula .*replace=True"):
+        register_macs_formula(_Bilinear, lambda *a: 0.0)
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_macs_formula(int, _bilinear_macs)
