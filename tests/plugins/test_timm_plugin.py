@@ -159,18 +159,44 @@ def test_units_and_nesting(registry, backbone):
     assert {g.parent for g in by_kind["timm_heads"]} == {None, "blocks.1", "blocks.2"}
 
 
-def test_analytic_macs_miss_exactly_the_attention_matmuls(backbone):
-    """aptp's tracer counts Linear/Conv2d and diffusers Attention; timm's Attention matmuls
-    (2 N^2 D per block) are the only difference to FlopCounterMode."""
+def _ref_macs(model, cond, seed: int = 0) -> int:
+    g = torch.Generator().manual_seed(seed)
+    x, t = torch.randn(1, *cond.sample_shape, generator=g), torch.tensor([10])
+    text = torch.randn(1, cond.text_len, cond.text_dim, generator=g)
+    return flop_counter_macs(model, x, t, encoder_hidden_states=text)
+
+
+def test_analytic_macs_count_the_attention_matmuls(backbone):
+    """aptp_timm.macs registers timm Attention's Q K^T and P V (2 N^2 D per block) with aptp's tracer:
+    the dense total equals FlopCounterMode's, and those matmuls are 5.8 % of it."""
     model = backbone.build_denoiser()
-    space = build_unit_space(model, [], backbone.conditioning())
     cond = backbone.conditioning()
-    x, t = torch.randn(1, *cond.sample_shape), torch.tensor([10])
-    text = torch.randn(1, cond.text_len, cond.text_dim)
-    ref = flop_counter_macs(model, x, t, encoder_hidden_states=text)
+    space = build_unit_space(model, [], cond)
+    ref = _ref_macs(model, cond)
+    assert space.total_macs == pytest.approx(ref, rel=1e-6)
     n = cond.text_len + 1 + (backbone.config.resolution // backbone.config.patch_size) ** 2  # tokens
     attention = backbone.config.depth * 2 * n * n * backbone.config.dim
-    assert ref == pytest.approx(space.total_macs + attention, rel=1e-6)
+    assert 0.05 < attention / ref < 0.07  # what the tracer missed before the formula
+
+
+def test_head_units_carry_their_share_of_the_attention_matmuls(registry, backbone):
+    model, cond = backbone.build_denoiser(), backbone.conditioning()
+    space = build_unit_space(model, _grans(registry, "timm_heads"), cond)
+    n = cond.text_len + 1 + (backbone.config.resolution // backbone.config.patch_size) ** 2
+    d = backbone.config.dim // backbone.config.num_heads
+    dim = backbone.config.dim
+    for g in space.groups:  # per head: q, k, v rows + proj columns + its Q K^T and P V
+        assert g.macs_per_unit == pytest.approx(n * (3 * d * dim + d * dim) + 2 * n * n * d)
+
+
+@pytest.mark.parametrize("names", [("timm_heads",), GRANULARITIES], ids=lambda n: "+".join(n))
+def test_analytic_macs_agree_with_flop_counter_for_random_architectures(registry, backbone, names):
+    grans = _grans(registry, *names)
+    model, cond = backbone.build_denoiser(), backbone.conditioning()
+    space = build_unit_space(model, grans, cond)
+    for arch in random_architectures(space, 6, 0.5, seed=11)[1:]:
+        ref = _ref_macs(cut_model(model, space, grans, arch), cond)
+        assert abs(float(space.kept_macs(arch)) / ref - 1) < 0.005, (float(space.kept_macs(arch)), ref)
 
 
 def test_errors_say_what_to_do(registry):

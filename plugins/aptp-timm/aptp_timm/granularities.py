@@ -18,9 +18,11 @@ registered name  unit                           gate                            
 ===============  =============================  ==============================  ===========================
 
 MACs per unit come from aptp's analytic tracer (:func:`aptp.core.resources.trace_modules`, one
-forward on the ``meta`` device), which counts ``nn.Linear`` / ``nn.Conv2d`` matmuls. It does not
-count the two attention matmuls of timm's ``Attention`` (it only knows diffusers' ``Attention``), so
-neither the dense total nor the head units include them; see the plugin README.
+forward on the ``meta`` device), which counts ``nn.Linear`` / ``nn.Conv2d`` matmuls and, through the
+formula :mod:`aptp_timm.macs` registers, the two attention matmuls of timm's ``Attention``
+(``Q K^T``, ``P V``: ``2 N^2 d`` per head). Each head's unit carries its share of them, as aptp's
+built-in ``attention_heads`` does for diffusers' ``Attention``, so the analytic MACs agree with
+``FlopCounterMode`` for any architecture.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from aptp.core.interfaces import Conditioning, GateGetter, Granularity
 from aptp.core.resources import Trace, on_meta, trace_modules
 from aptp.core.units import UnitGroup
 from aptp_timm import ensure_torchvision_importable
+from aptp_timm.macs import attention_macs  # noqa: F401  (registers timm Attention's MACs formula)
 
 ensure_torchvision_importable()
 from timm.layers import Attention, Mlp  # noqa: E402  (after the torchvision guard)
@@ -147,7 +150,8 @@ class TimmHeads(Granularity):
             self._check(path, a)
             h, d = a.num_heads, a.head_dim
             parts = ["qkv", "proj"] + (["gate"] if a.gate is not None else [])
-            macs = sum(tr.macs(f"{path}.{n}") for n in parts)
+            # projections + the attention's own Q K^T and P V (aptp_timm.macs): all linear in heads
+            macs = sum(tr.macs(f"{path}.{n}") for n in parts) + tr.macs(path)
             params = _linear_params(a.qkv, rows=3 * d) + _linear_params(a.proj, cols=d)
             if a.gate is not None:
                 params += _linear_params(a.gate, rows=d)
@@ -299,7 +303,8 @@ class TimmBlocks(Granularity):
                 if g is None:
                     return None
                 x = args[0] if args else kwargs["x"]  # (B, N, D), the block's input = its bypass
-                gj = expand_gates(g, y.shape[0], p)[:, j].to(y.dtype)[:, None, None]  # (B, 1, 1)
+                gj = expand_gates(g, y.shape[0], p)[:, j].to(device=y.device, dtype=y.dtype)
+                gj = gj.view(-1, *[1] * (y.dim() - 1))  # (B, 1, 1): the output's rank
                 return x + gj * (y - x)
 
             handles.append(denoiser.get_submodule(p).register_forward_hook(hook, with_kwargs=True))

@@ -28,6 +28,8 @@ from aptp_timm import ensure_torchvision_importable
 ensure_torchvision_importable()
 from timm.models.vision_transformer import Block  # noqa: E402  (after the torchvision guard)
 
+from aptp_timm.macs import attention_macs  # noqa: E402, F401  (registers timm Attention's MACs formula)
+
 
 @dataclass
 class TimmDiTOutput:
