@@ -8,7 +8,9 @@ from granularity_helpers import GRANULARITY_SETS, make_granularities, random_arc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aptp.core.resources import count_params
 from aptp.pruners.gating import Gates, build_unit_space, cut_model
+from aptp.testing import check_granularity_exactness
 
 TOL = 1e-5  # max |gated - cut| relative to the output scale (fp32)
 
@@ -69,6 +71,56 @@ def test_ungated_is_dense_and_gates_do_not_leak_into_cuts(tiny_unet, tiny_inputs
         full = cut_model(tiny_unet, space, grans, torch.ones(space.size))  # cut while gated
         assert torch.equal(_run(full, x, t, text), dense)
     assert torch.equal(_run(tiny_unet, x, t, text), dense)  # hooks removed on exit
+
+
+@pytest.mark.parametrize("which", list(GRANULARITY_SETS))
+def test_contract_check_passes_with_parameter_counts(which, tiny_backbone):
+    """aptp.testing's check (dense, empty and random per-sample architectures), check_params on."""
+    report = check_granularity_exactness(tiny_backbone, make_granularities(GRANULARITY_SETS[which]),
+                                         num_architectures=4, seed=2)
+    assert report.max_abs_diff <= TOL * max(1.0, report.output_scale)
+    assert all(got == want for got, want in report.params)
+
+
+def _structured_arch(space, seed: int) -> torch.Tensor:
+    """(U,) architecture where each group is, at random, all kept, all cut, or half at random: the
+    cases a uniform random architecture almost never draws (a whole ResNet / attention / FFN cut to
+    width zero, with its block kept or dropped)."""
+    g = torch.Generator().manual_seed(seed)
+    arch = torch.empty(space.size)
+    for i in range(len(space.groups)):
+        sl = space.group_slice(i)
+        mode = int(torch.randint(0, 3, (1,), generator=g))
+        n = sl.stop - sl.start
+        arch[sl] = 1.0 if mode == 0 else 0.0 if mode == 1 else (torch.rand(n, generator=g) < 0.5).float()
+    return arch
+
+
+@pytest.mark.parametrize("which", list(GRANULARITY_SETS))
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_parameter_count_is_the_unit_spaces_for_any_architecture(which, seed, tiny_unet, tiny_spaces):
+    space, grans = tiny_spaces[which]
+    arch = _structured_arch(space, seed)
+    expert = cut_model(tiny_unet, space, grans, arch)
+    assert count_params(expert) == int(round(float(space.kept_params(arch))))
+
+
+def test_a_resnet_cut_to_width_zero_keeps_its_width_independent_parameters(tiny_unet, tiny_spaces):
+    """The cause of the old 2,496 / 3,776-parameter gap: a fully width-cut ResNet lost norm1 (2 C_in),
+    which no unit owns. Now only a depth cut removes a block's norm1."""
+    from aptp.pruners.granularities._modules import ResidualBypass
+
+    space, grans = tiny_spaces["all"]
+    arch = torch.zeros(space.size)
+    assert count_params(cut_model(tiny_unet, space, grans, arch)) == int(space.kept_params(arch)) == 365_124
+    arch[space.mask_of_kind("depth")] = 1.0  # keep every block, cut every width unit
+    expert = cut_model(tiny_unet, space, grans, arch)
+    bypasses = [(p, m) for p, m in expert.named_modules() if isinstance(m, ResidualBypass)]
+    assert bypasses and all(m.norm1 is not None for _, m in bypasses)
+    dense_norm1 = {p: tiny_unet.get_submodule(f"{p}.norm1").weight for p, _ in bypasses}
+    assert all(torch.equal(m.norm1.weight, dense_norm1[p]) for p, m in bypasses)  # same key, same weights
+    assert count_params(expert) == int(round(float(space.kept_params(arch))))
 
 
 @pytest.mark.slow

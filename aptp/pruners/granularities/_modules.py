@@ -6,6 +6,15 @@ Each computes exactly what the hard-gated block computes when *all* of its units
   ``(shortcut(x) + b) / output_scale_factor``, where ``shortcut`` is the block's 1x1
   ``conv_shortcut`` (or the identity when in == out channels) and ``b`` is ``conv2``'s bias when the
   branch lost all its channels (a conv of zeros is its bias) or nothing when the block is dropped.
+
+Parameter accounting rule: a *width* cut removes only what its units own (rows / columns / norm
+channels of the pruned width); the block's width-independent parameters -- ``norm1`` of a ResNet,
+``to_out[0]``'s bias of an attention, ``net[2]``'s bias of a FFN -- go only with a *depth* cut of
+the whole block. So a block whose width units are all cut is the block at width zero and keeps
+them, and the cut model's parameter count is exactly the unit space's linear account
+(``UnitSpace.kept_params``: fixed + kept units). ``ResidualBypass`` therefore holds the ResNet's
+``norm1`` when its branch lost every channel (unused in forward: it normalised the input of a
+zero-width ``conv1``; ``2 C_in`` parameters, under the same state-dict key as in the dense block).
 * :class:`SkipTransformer` -- a ``Transformer2DModel`` reduced to its residual: output = input
   (wrapped as diffusers returns it: a tuple or a ``Transformer2DModelOutput``).
 * :class:`SkipTransformerBlock` -- a dropped ``BasicTransformerBlock`` (DiT / PixArt): returns its
@@ -22,14 +31,20 @@ from torch import nn
 
 
 class ResidualBypass(nn.Module):
-    """``ResnetBlock2D`` minus its residual branch: ``(shortcut(x) + bias) / output_scale_factor``."""
+    """``ResnetBlock2D`` minus its residual branch: ``(shortcut(x) + bias) / output_scale_factor``.
+
+    ``norm1``: the block's input norm, kept (unused) when the branch was cut to width zero by a width
+    cut, so that only a depth cut removes a block's width-independent parameters (see the module
+    docstring); ``None`` when the block is dropped by depth.
+    """
 
     def __init__(self, conv_shortcut: nn.Module | None, output_scale_factor: float = 1.0,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, norm1: nn.Module | None = None) -> None:
         super().__init__()
         self.conv_shortcut = conv_shortcut
         self.output_scale_factor = float(output_scale_factor)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.norm1 = norm1
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         x = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor

@@ -8,7 +8,12 @@ of the surviving channels unchanged, so the cut is exact.
   ``norm2`` + SiLU (+ dropout), by the expanded gates ``g`` (B, G) -> (B, C, 1, 1);
 * cut: ``conv1`` output channels, ``time_emb_proj`` rows (both halves for ``scale_shift``),
   ``norm2`` channels and ``num_groups``, ``conv2`` input channels. A block that loses every group
-  becomes :class:`~aptp.pruners.granularities._modules.ResidualBypass` with ``conv2``'s bias;
+  becomes :class:`~aptp.pruners.granularities._modules.ResidualBypass` with ``conv2``'s bias (and,
+  unused, ``norm1``: a width cut never removes the block's width-independent parameters, so the
+  parameter count stays ``UnitSpace.kept_params`` exactly);
+* parameters per unit: its ``conv1`` rows (+ bias), ``norm2`` weight and bias, ``conv2`` columns and
+  ``time_emb_proj`` rows (+ bias, every half); ``norm1``, ``conv2``'s bias and ``conv_shortcut``
+  belong to the block (fixed, or its depth unit);
 * MACs per unit: ``(MACs(conv1) + MACs(time_emb_proj) + MACs(conv2)) / G`` (all linear in C).
 """
 
@@ -101,7 +106,8 @@ class ResnetChannels(Granularity):
         s = c // group.num_units
         keep = keep.to(torch.bool)
         if not bool(keep.any()):  # the branch is gone; conv2 of zeros is its bias
-            set_module(denoiser, group.path, ResidualBypass(r.conv_shortcut, r.output_scale_factor, r.conv2.bias))
+            set_module(denoiser, group.path,
+                       ResidualBypass(r.conv_shortcut, r.output_scale_factor, r.conv2.bias, norm1=r.norm1))
             return
         idx = channel_index(keep, s)  # (k * s,)
         slice_conv(r.conv1, out=idx)
