@@ -147,3 +147,37 @@ def test_sd21_hard_gates_equal_cut_model():
     expert = cut_model(unet, space, grans, arch, inplace=True)  # no 3.5 GB copy: the dense model is done
     out = _run(expert, x, t, text)
     assert float((gated - out).abs().max()) <= TOL * float(gated.abs().max())
+
+
+class _QKNormDenoiser(torch.nn.Module):
+    """A minimal denoiser around one diffusers self-attention with qk-norm (LayerNorms no head owns)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.attn = Attention(8, heads=2, dim_head=4, qk_norm="layer_norm")
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True):
+        b, c, h, w = sample.shape
+        y = self.attn(sample.flatten(2).transpose(1, 2))  # (B, H W, C)
+        return (y.transpose(1, 2).reshape(b, c, h, w),)
+
+
+@pytest.mark.parametrize("keep", [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+def test_an_attention_cut_to_zero_heads_keeps_what_no_head_owns(keep):
+    from aptp.core.interfaces import Conditioning
+
+    torch.manual_seed(0)
+    model = _QKNormDenoiser().eval()
+    grans = make_granularities(["attention_heads"])
+    space = build_unit_space(model, grans, Conditioning((8, 2, 2), 3, 8))
+    arch = torch.tensor(keep)
+    x = torch.randn(1, 8, 2, 2)
+    with Gates(model, space, grans) as gates, torch.no_grad():
+        gates.set(arch)
+        gated = model(x, None)[0]
+    expert = cut_model(model, space, grans, arch)
+    with torch.no_grad():
+        assert torch.allclose(expert(x, None)[0], gated, atol=1e-6)
+    assert count_params(expert) == int(space.kept_params(arch))

@@ -79,12 +79,17 @@ class NoHeadAttention(nn.Module):
     """``Attention`` whose heads were all cut: its output is ``to_out[0]``'s bias (or zeros)."""
 
     def __init__(self, out_dim: int, bias: torch.Tensor | None, residual_connection: bool = False,
-                 rescale_output_factor: float = 1.0) -> None:
+                 rescale_output_factor: float = 1.0, keep: dict[str, nn.Module] | None = None) -> None:
+        """``keep``: the attention's width-independent submodules with parameters (e.g. ``norm_q`` /
+        ``norm_k`` of a qk-norm attention), held unused under their own names (same state-dict keys)
+        so the parameter count stays the unit space's (see the module docstring)."""
         super().__init__()
         self.out_dim = int(out_dim)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.residual_connection = bool(residual_connection)
         self.rescale_output_factor = float(rescale_output_factor)
+        for name, module in (keep or {}).items():
+            self.add_module(name, module)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if hidden_states.dim() == 4:  # (B, C, H, W)

@@ -9,7 +9,9 @@ would change the softmax temperature).
 * gate: a forward pre-hook on ``to_out[0]`` multiplies its input, the concatenated head outputs
   (B, N, h d), by ``g`` (B, h) expanded per head;
 * cut: the rows/columns above and ``attn.heads`` / ``inner_dim`` / ``inner_kv_dim``; an attention
-  that loses every head becomes :class:`~aptp.pruners.granularities._modules.NoHeadAttention`;
+  that loses every head becomes :class:`~aptp.pruners.granularities._modules.NoHeadAttention`
+  (``to_out[0]``'s bias, plus -- unused -- any parameters no head owns, e.g. qk norms, so the cut
+  model's parameter count stays ``UnitSpace.kept_params``);
 * MACs per head: ``(MACs(to_q, to_k, to_v, to_out[0]) + 2 N M h d) / h`` with N the query length and
   M the key length (the text length for cross-attention).
 """
@@ -114,9 +116,11 @@ class AttentionHeads(Granularity):
         d = _head_dim(a)
         keep = keep.to(torch.bool)
         out = a.to_out[0]
-        if not bool(keep.any()):
-            set_module(denoiser, group.path, NoHeadAttention(out.out_features, out.bias,
-                                                             a.residual_connection, a.rescale_output_factor))
+        if not bool(keep.any()):  # width zero: keeps what no head owns (to_out[0]'s bias, qk norms, ...)
+            shared = {n: m for n, m in a.named_children()
+                      if n not in ("to_q", "to_k", "to_v", "to_out") and any(True for _ in m.parameters())}
+            set_module(denoiser, group.path, NoHeadAttention(out.out_features, out.bias, a.residual_connection,
+                                                             a.rescale_output_factor, keep=shared))
             return
         idx = channel_index(keep, d)  # (k d,)
         for lin in (a.to_q, a.to_k, a.to_v):
