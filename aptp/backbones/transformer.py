@@ -4,8 +4,8 @@
 Its blocks are diffusers ``BasicTransformerBlock`` s (``attn1`` self-attention, ``attn2``
 cross-attention on the prompt, ``ff`` a ``FeedForward``), so the built-in ``attention_heads`` and
 ``ffn`` granularities prune it unchanged -- the same code as for the UNet (``granularity=width``
-works too: ``resnet_channels`` finds no ResNet here). The ``depth`` granularity drops UNet blocks
-only and refuses this denoiser.
+works too: ``resnet_channels`` finds no ResNet here). The ``depth`` granularity drops whole
+``transformer_blocks`` (middle blocks first; the first and last are kept).
 
 Presets (``configs/backbone/dit.yaml``): ``tiny`` (4 blocks of width 64, 16 px images through the tiny
 VAE, MiniLM prompt tokens; a CPU test model) and ``pixart_alpha_512`` (PixArt-alpha 512 px's

@@ -122,8 +122,9 @@ class UnitSpace:
         return self.total_macs - self.prunable_macs
 
     def _kept(self, arch: torch.Tensor, per_unit: torch.Tensor, fixed: float) -> torch.Tensor:
+        """Float64 sums (a float32 sum of SD2.1's 866 M parameters is off by tens); differentiable."""
         self.check(arch)
-        a = arch.to(torch.float64) if not arch.is_floating_point() else arch
+        a = arch.to(torch.float64)
         per_unit = per_unit.to(device=a.device, dtype=a.dtype)
         parent = self._parent_index.to(a.device)
         has_parent = parent >= 0
@@ -133,14 +134,16 @@ class UnitSpace:
         return fixed + (a * p * per_unit).sum(dim=-1)
 
     def kept_macs(self, arch: torch.Tensor) -> torch.Tensor:
-        """Per-sample MACs of the model that keeps ``arch`` (..., U) -> (...). Differentiable."""
+        """Per-sample MACs of the model that keeps ``arch`` (..., U) -> (...) float64. Differentiable."""
         return self._kept(arch, self._unit_macs, self.fixed_macs)
 
     def macs_ratio(self, arch: torch.Tensor) -> torch.Tensor:
-        """Kept MACs as a fraction of the dense model's, (..., U) -> (...)."""
-        return self.kept_macs(arch) / self.total_macs
+        """Kept MACs as a fraction of the dense model's, (..., U) -> (...) in ``arch``'s float dtype."""
+        ratio = self.kept_macs(arch) / self.total_macs
+        return ratio.to(arch.dtype) if arch.is_floating_point() else ratio
 
     def kept_params(self, arch: torch.Tensor) -> torch.Tensor:
+        """Parameters of the model that keeps ``arch`` (..., U) -> (...) float64."""
         return self._kept(arch, self._unit_params, float(self.total_params - self._unit_params.sum()))
 
     def dense(self) -> torch.Tensor:
