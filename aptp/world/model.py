@@ -125,14 +125,13 @@ class TextEncoder:
             raise TypeError(f"pass a list of prompts, not the string {prompts!r}.")
         prompts = list(prompts)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        fresh: dict[str, torch.Tensor] = {}
-        if missing:
-            fresh = dict(zip(missing, self._encode(missing)))
-            if len(self._cache) + len(fresh) > self.cache_size:
-                self._cache.clear()
-            if len(fresh) <= self.cache_size:
-                self._cache.update(fresh)
-        return torch.stack([fresh[p] if p in fresh else self._cache[p] for p in prompts])
+        fresh = dict(zip(missing, self._encode(missing))) if missing else {}
+        states = torch.stack([fresh[p] if p in fresh else self._cache[p] for p in prompts])
+        if len(self._cache) + len(fresh) > self.cache_size:  # full: start over (after the lookup)
+            self._cache.clear()
+        if len(fresh) <= self.cache_size:
+            self._cache.update(fresh)
+        return states
 
 
 @lru_cache(maxsize=2)

@@ -7,6 +7,7 @@ import torch
 from aptp.data.world import World, WorldConfig
 from aptp.world.evaluator import attribute_accuracy, load_evaluator, score_images
 from aptp.world.model import (
+    TextEncoder,
     DEFAULT_BASE_DIR,
     build_unet,
     load_base,
@@ -32,6 +33,16 @@ def test_text_encoder_shapes_and_cache() -> None:
     assert a.shape == (3, 24, 384)
     assert torch.equal(a[0], a[2]) and not torch.equal(a[0], a[1])
     assert torch.allclose(te(["a red circle"])[0], te._encode(["a red circle"])[0])
+
+
+def test_text_encoder_cache_overflow_keeps_answers_right() -> None:
+    """A batch mixing cached prompts with new ones that overflow the cache (once a KeyError)."""
+    te = TextEncoder(cache_size=2)
+    te(["a red circle", "a blue square"])
+    got = te(["a red circle", "a green cross", "a white circle", "a blue square"])
+    want = te._encode(["a red circle", "a green cross", "a white circle", "a blue square"])
+    torch.testing.assert_close(got, want)
+    assert len(te._cache) <= 2
 
 
 def test_shipped_base_model_loads_and_is_small() -> None:
