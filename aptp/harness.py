@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -141,7 +142,9 @@ def run_cell(base: str | Path, overrides: Sequence[str], out: Path) -> dict[str,
     done = out / DONE_FILE
     if done.is_file():
         return json.loads(done.read_text())
-    cfg = load_experiment(base, list(overrides))
+    with warnings.catch_warnings():  # a cell swapping a slot drops the base's settings for it: expected
+        warnings.filterwarnings("ignore", message=r".*is ignored: .* has no such parameter")
+        cfg = load_experiment(base, list(overrides))
     composition = build(cfg)
     summary = composition.require("pruner").run(composition, out)
     done.write_text(json.dumps(summary, indent=1, default=str) + "\n")

@@ -85,6 +85,10 @@ class AptpPrunerConfig:
     scale_lr: bool = True
     weight_decay: float = 0.0
     contrastive_tau: float = 0.03
+    # "orthogonal" (the paper) or "kmeans": at the end of warm-up, codes = k-means centres of the
+    # predicted architectures (OTRouter.init_codes_from_predictions), so inference routing agrees
+    # with the balanced training routing.
+    init_codes: str = "orthogonal"
     min_snr_gamma: Optional[float] = 5.0
     weights: Phase1Weights = field(default_factory=Phase1Weights)
     phase2: Phase2Config = field(default_factory=Phase2Config)
@@ -101,6 +105,8 @@ class AptpPrunerConfig:
             raise ValueError(f"steps={self.steps} and warmup_steps={self.warmup_steps} must be >= 0.")
         if self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("batch_size, checkpoint_every and log_every must be >= 1.")
+        if self.init_codes not in ("orthogonal", "kmeans"):
+            raise ValueError(f"init_codes={self.init_codes!r} must be 'orthogonal' (the paper) or 'kmeans'.")
 
 
 class AptpPruner(Pruner):
@@ -149,6 +155,9 @@ class AptpPruner(Pruner):
         for step in bar:
             batch = ctx.batch(global_batch_indices(len(ctx.dataset), c.batch_size, ctx.seed, step), step)
             warm = step < c.warmup_steps
+            if step == c.warmup_steps and c.init_codes == "kmeans":
+                sample = global_batch_indices(len(ctx.dataset), min(len(ctx.dataset), 1024), ctx.seed, 0)
+                router.init_codes_from_predictions(ctx.all_embeddings()[sample], seed=ctx.seed)
             z = batch.z  # (b, D) local rows
             e = router.predict(z)  # (b, U)
             with torch.random.fork_rng():  # gate noise depends on (seed, step) only: resumable
@@ -167,9 +176,12 @@ class AptpPruner(Pruner):
             l_denoise = (O.per_sample_mse(student, batch.target) * batch.snr_weight).sum() / n
             l_distill = O.per_sample_mse(student, teacher).sum() / n
             l_block = sum((O.per_sample_mse(s, t).sum() for s, t in zip(f_s, f_t)), torch.zeros(())) / n
-            # MACs of the architectures that will be cut (deterministic hard gates, straight-through
-            # gradients): the noisy training gates would understate them.
-            r_local = ctx.unit_space.macs_ratio(g_deploy)  # (b,)
+            # Value: the MACs of the architectures that will be cut (deterministic hard gates; the
+            # noisy training gates would misstate them). Gradient: that of the noisy soft gates
+            # (the deterministic sigmoid is flat far from the threshold, so it could not move units
+            # that the task losses hold on to).
+            r_soft = ctx.unit_space.macs_ratio(g)  # (b,)
+            r_local = ctx.unit_space.macs_ratio(g_deploy).detach() + r_soft - r_soft.detach()  # (b,)
             r, _ = D.all_gather_rows(r_local)  # (B,) global, gradient through the local rows
             l_res = resource_loss(r, c.target_ratio)
             l_spread = sum(spread_losses(r))

@@ -36,6 +36,10 @@ class OTRouterConfig:
     hidden_dim: Optional[int] = None  # None: linear heads (the paper); else a hidden layer of this width
     tau: float = 0.4  # Gumbel-sigmoid temperature
     offset: float = 3.0  # Gumbel-sigmoid offset: positive keeps units at initialisation
+    # "cosine" (the paper) or "correlation": cosine of the gate vectors centred on their own mean,
+    # which ignores how dense an architecture is and compares only which units it keeps. With
+    # cosine, predictions denser than the codes all score highest on the densest code.
+    similarity: str = "cosine"
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -44,6 +48,8 @@ class OTRouterConfig:
             raise ValueError(f"hidden_dim={self.hidden_dim} must be >= 1, or null for linear heads.")
         if not self.tau > 0:
             raise ValueError(f"tau={self.tau} must be > 0 (the paper uses 0.4).")
+        if self.similarity not in ("cosine", "correlation"):
+            raise ValueError(f"similarity={self.similarity!r} must be 'cosine' (the paper) or 'correlation'.")
 
 
 def encode_unit_space(unit_space: UnitSpace) -> torch.Tensor:
@@ -129,16 +135,41 @@ class OTRouter(Router):
         return self.layout.gates(self.code_logits(), c.tau, c.offset, noise=noise, hard=hard)
 
     @torch.no_grad()
+    def init_codes_from_predictions(self, z: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Set the K codes to the k-means centres of the predictor's raw logits on prompts ``z`` (N, D).
+
+        An option, not in the paper (which keeps the orthogonal init): starting each code at the
+        centre of a cluster of predicted architectures makes the inference routing (argmax cosine
+        to the codes) agree with the balanced training routing from the first step after warm-up,
+        instead of sending every prompt to whichever code the untrained codes favour. Returns the
+        cluster of each prompt, (N,).
+        """
+        from sklearn.cluster import KMeans
+
+        self._require_bound()
+        z = check_embeddings(z, self.embed_dim)
+        k = self.config.num_experts
+        if z.shape[0] < k:
+            raise ConfigError(f"need at least num_experts={k} prompts to initialise the codes, got {z.shape[0]}.")
+        raw = self.predictor(z.to(self.codes.weight.dtype))  # (N, R)
+        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(raw.double().cpu().numpy())
+        self.codes.weight.copy_(torch.as_tensor(km.cluster_centers_, dtype=self.codes.weight.dtype))
+        return torch.as_tensor(km.labels_, dtype=torch.long)
+
+    @torch.no_grad()
     def architectures(self) -> torch.Tensor:
         """The experts' architectures: deterministic hard code gates, (K, U) float in {0, 1}."""
         return self.code_gates(noise=False, hard=True).detach().clone()
 
     def scores(self, z: torch.Tensor, noise: bool = False) -> torch.Tensor:
-        """Cosine similarity of group-normalised hard gates, prompts vs codes, (B, K)."""
+        """Cosine similarity (or correlation) of group-normalised hard gates, prompts vs codes, (B, K)."""
         self._require_bound()
         w = self.layout.group_weight.to(self.codes.weight)  # (U,)
         g_pred = self.predicted_gates(z, noise=noise) * w  # (B, U)
         g_code = self.code_gates(noise=noise) * w  # (K, U)
+        if self.config.similarity == "correlation":
+            g_pred = g_pred - g_pred.mean(dim=-1, keepdim=True)
+            g_code = g_code - g_code.mean(dim=-1, keepdim=True)
         return F.normalize(g_pred, dim=-1, eps=1e-8) @ F.normalize(g_code, dim=-1, eps=1e-8).T  # (B, K)
 
     # --- persistence ----------------------------------------------------------------------------
