@@ -55,9 +55,10 @@ def test_shipped_base_model_loads_and_is_small() -> None:
 
 
 def test_shipped_base_model_follows_single_object_prompts() -> None:
-    """16 held-out single-object prompts, 10 DDIM steps: the evaluator reads the prompted colour.
+    """16 held-out single-object prompts, 10 DDIM steps: the evaluator reads the prompted attributes.
 
-    Chance is 1/6 for colour and 1/4 for shape.
+    Chance: colour 1/6, shape 1/4, position 1/5. Measured with the shipped weights (3,000 steps):
+    colour 0.88, shape 0.94, size 0.94, position 0.81, whole scene 0.56.
     """
     torch.set_num_threads(1)
     base = load_base()
@@ -67,7 +68,7 @@ def test_shipped_base_model_follows_single_object_prompts() -> None:
                       scheduler_cfg=dict(base.scheduler.config), steps=10, guidance=1.0, seed=0)
     assert x.shape == (16, 3, 32, 32) and len(to_pil(x)) == 16
     acc = attribute_accuracy(score_images(ev, x, [s.scene for s in samples]))
-    assert acc["colour"] >= 0.5, acc
+    assert acc["colour"] >= 0.75 and acc["shape"] >= 0.6 and acc["position"] >= 0.5, acc
     # deterministic per seed
     y = sample_images(base.unet, [s.caption for s in samples[:2]], text_encoder=base.text_encoder,
                       scheduler_cfg=dict(base.scheduler.config), steps=3, seed=1)
