@@ -143,7 +143,7 @@ def run_cell(base: str | Path, overrides: Sequence[str], out: Path) -> dict[str,
     if done.is_file():
         return json.loads(done.read_text())
     with warnings.catch_warnings():  # a cell swapping a slot drops the base's settings for it: expected
-        warnings.filterwarnings("ignore", message=r".*is ignored: .* has no such parameter")
+        warnings.filterwarnings("ignore", message=r".* ignored: .* has no such parameter")
         cfg = load_experiment(base, list(overrides))
     composition = build(cfg)
     summary = composition.require("pruner").run(composition, out)

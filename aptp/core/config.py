@@ -190,11 +190,13 @@ def _drop_foreign_keys(raw: DictConfig, composed: DictConfig, slot: str, registr
         return
     kind = SLOTS[slot][0]
     fields = {f.name for f in dataclasses.fields(registry[kind].get(str(preset.name)).config_class)}
-    for key in [k for k in section if k not in fields]:
+    foreign = [str(k) for k in section if k not in fields]
+    if foreign:
         warnings.warn(
-            f"{source}: '{slot}.{key}' is ignored: {kind} '{preset.name}' (chosen on the command line) has "
-            "no such parameter.", stacklevel=3,
+            f"{source}: {', '.join(f'{slot}.{k}' for k in foreign)} ignored: {kind} '{preset.name}' (chosen "
+            "on the command line) has no such parameter.", stacklevel=3,
         )
+    for key in foreign:
         del section[key]
 
 
