@@ -155,20 +155,23 @@ def _tradeoff_figures(plt, fig_dir: Path, rows, metric_keys, lat_keys) -> list[s
 
 
 def _verdict(rows: list[dict[str, Any]], metric_keys: list[str]) -> str:
-    """One measured sentence per pair of pruned models: who is better on each metric."""
+    """One measured sentence per other pruned model: who is better on each metric, against the first."""
     from aptp.core.plugins import default_registry
 
     pruned = [r for r in rows if r["model"] != "dense"]
     if len(pruned) < 2:
         return ""
     registry = default_registry()
-    out = []
-    a, b = pruned[0], pruned[1]
-    for m in metric_keys:
-        if a.get(m) is None or b.get(m) is None:
-            continue
-        higher = registry["metric"].get(m).factory.higher_is_better if m in registry["metric"] else True
-        better = a if (a[m] > b[m]) == higher else b
-        out.append(f"{m}: **{better['model']}** is better ({_fmt(a[m])} vs {_fmt(b[m])})")
-    return (f"Measured, {a['model']} vs {b['model']} at mean kept MACs {_fmt(a.get('mean_macs_ratio'))} vs "
-            f"{_fmt(b.get('mean_macs_ratio'))}: " + "; ".join(out) + ".") if out else ""
+    a, sentences = pruned[0], []
+    for b in pruned[1:]:
+        out = []
+        for m in metric_keys:
+            if a.get(m) is None or b.get(m) is None:
+                continue
+            higher = registry["metric"].get(m).factory.higher_is_better if m in registry["metric"] else True
+            better = a if (a[m] > b[m]) == higher else b
+            out.append(f"{m}: **{better['model']}** ({_fmt(a[m])} vs {_fmt(b[m])})")
+        if out:
+            sentences.append(f"- {a['model']} vs {b['model']} at mean kept MACs {_fmt(a.get('mean_macs_ratio'))} vs "
+                             f"{_fmt(b.get('mean_macs_ratio'))}, better on " + "; ".join(out) + ".")
+    return ("Measured:\n" + "\n".join(sentences)) if sentences else ""
