@@ -7,7 +7,7 @@ K experts (B/K each, one call per expert: APTP's grouping) vs one call of the st
 all B. Also the dense model on all B, and the router's overhead (encode + route) against one
 25-step generation. On CPU the ratios use thread CPU time (one torch thread), min over rounds.
 
-    OMP_NUM_THREADS=1 python -m pytest benchmarks/test_routed_latency.py --benchmark-json=benchmarks/routed_latency.json
+    OMP_NUM_THREADS=1 python -m pytest benchmarks/test_routed_latency.py --benchmark-json=benchmarks/routed_latency_small.json
 
 Environment: APTP_BENCH_PRESET (small | tiny, default small), APTP_BENCH_RESOLUTION (default 128 for
 small), APTP_BENCH_DEVICE (cpu | cuda), APTP_WRITE_RESULTS=1 rewrites this section of RESULTS.md.
@@ -156,7 +156,7 @@ def _report(m) -> None:
         f"- experts: kept-MACs ratios {', '.join(f'{r:.3f}' for r in m['expert_ratios'])}; static "
         f"{m['static_ratio']:.3f}; sample {m['cond'].sample_shape}",
         f"- command: `APTP_BENCH_PRESET={PRESET} APTP_WRITE_RESULTS=1 OMP_NUM_THREADS=1 python -m pytest "
-        "benchmarks/test_routed_latency.py --benchmark-json=benchmarks/routed_latency.json`",
+        f"benchmarks/test_routed_latency.py --benchmark-json=benchmarks/routed_latency_{PRESET}.json`",
         "",
         table,
         MARK_END,
