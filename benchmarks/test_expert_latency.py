@@ -21,10 +21,10 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from _results import update_section
 
 from aptp.backbones.unet import UNetBackbone, UNetBackboneConfig
 from aptp.pruners.gating import build_unit_space, cut_model, uniform_architecture
@@ -152,11 +152,4 @@ def _report(cond, space) -> None:
         table,
         MARK_END,
     ])
-    path = Path(__file__).with_name("RESULTS.md")
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    update_section(MARK_START, MARK_END, section)
