@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from aptp.core.interfaces import Metric
 from aptp.metrics._common import MissingWeightsError, batches
 
 
@@ -53,3 +54,20 @@ def features(evaluator: Any, images: torch.Tensor, batch_size: int) -> torch.Ten
     out = [evaluator.embed(to_evaluator_input(evaluator, images[sl]), batch_size=batch_size).double()
            for sl in batches(images.shape[0], batch_size)]
     return torch.cat(out)
+
+
+class EvaluatorMetric(Metric):
+    """Base of the world metrics: the world evaluator (``config.evaluator``) loads on first use."""
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._evaluator: Any = None
+
+    def can_probe(self) -> bool:
+        """Whether the evaluator weights are present (then compute runs in milliseconds)."""
+        return evaluator_available(self.config.evaluator)
+
+    def load(self) -> Any:
+        if self._evaluator is None:
+            self._evaluator = load(self.config.evaluator, self.name)
+        return self._evaluator

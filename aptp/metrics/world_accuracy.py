@@ -21,7 +21,6 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from aptp.core.interfaces import Metric
 from aptp.metrics import _world
 from aptp.metrics._common import check_images, check_prompts
 
@@ -121,25 +120,12 @@ class WorldAccuracyConfig:
             raise ValueError(f"world_accuracy: batch_size must be >= 1, got {self.batch_size}.")
 
 
-class WorldAccuracy(Metric):
+class WorldAccuracy(_world.EvaluatorMetric):
     """Attribute accuracy of world images against the scenes their prompts state (world evaluator)."""
 
     config_class = WorldAccuracyConfig
     name: ClassVar[str] = "world_accuracy"
     higher_is_better: ClassVar[bool] = True
-
-    def __init__(self, config: WorldAccuracyConfig | None = None) -> None:
-        super().__init__(config)
-        self._evaluator: Any = None
-
-    def can_probe(self) -> bool:
-        """Whether the evaluator weights are present (then compute runs in milliseconds)."""
-        return _world.evaluator_available(self.config.evaluator)
-
-    def load(self) -> Any:
-        if self._evaluator is None:
-            self._evaluator = _world.load(self.config.evaluator, "world_accuracy")
-        return self._evaluator
 
     def results(self, images: torch.Tensor, prompts: Sequence[str]) -> list[dict[str, bool | None]]:
         """Per image: each attribute True / False, or None where the prompt does not state it."""

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import torch
 
-from aptp.core.interfaces import Metric
 from aptp.metrics import _world
 from aptp.metrics._common import check_images
 from aptp.metrics.frechet import METHODS, frechet_distance_features
@@ -36,25 +35,12 @@ class WorldFdConfig:
             raise ValueError(f"world_fd: batch_size must be >= 1, got {self.batch_size}.")
 
 
-class WorldFd(Metric):
+class WorldFd(_world.EvaluatorMetric):
     """Fréchet distance between world-evaluator features of generated and reference images."""
 
     config_class = WorldFdConfig
     name: ClassVar[str] = "world_fd"
     higher_is_better: ClassVar[bool] = False
-
-    def __init__(self, config: WorldFdConfig | None = None) -> None:
-        super().__init__(config)
-        self._evaluator: Any = None
-
-    def can_probe(self) -> bool:
-        """Whether the evaluator weights are present (then compute runs in milliseconds)."""
-        return _world.evaluator_available(self.config.evaluator)
-
-    def load(self) -> Any:
-        if self._evaluator is None:
-            self._evaluator = _world.load(self.config.evaluator, "world_fd")
-        return self._evaluator
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Evaluator features (N, D), float64."""

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import torch
 
-from aptp.core.interfaces import Metric
 from aptp.metrics import _world
 from aptp.metrics._common import check_images
 from aptp.metrics.mmd import SCALE, SIGMA, mmd
@@ -41,25 +40,12 @@ class WorldMmdConfig:
             raise ValueError(f"world_mmd: batch_size must be >= 1, got {self.batch_size}.")
 
 
-class WorldMmd(Metric):
+class WorldMmd(_world.EvaluatorMetric):
     """CMMD's RBF MMD (sigma 10, x1000) between world-evaluator features of generated and reference images."""
 
     config_class = WorldMmdConfig
     name: ClassVar[str] = "world_mmd"
     higher_is_better: ClassVar[bool] = False
-
-    def __init__(self, config: WorldMmdConfig | None = None) -> None:
-        super().__init__(config)
-        self._evaluator: Any = None
-
-    def can_probe(self) -> bool:
-        """Whether the evaluator weights are present (then compute runs in milliseconds)."""
-        return _world.evaluator_available(self.config.evaluator)
-
-    def load(self) -> Any:
-        if self._evaluator is None:
-            self._evaluator = _world.load(self.config.evaluator, "world_mmd")
-        return self._evaluator
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Evaluator features (N, D), float64, L2-normalised when ``normalize``."""
