@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-#: Sub-commands implemented in their own modules: each has ``add_parser(subparsers)`` and ``main(args)``.
+#: Sub-commands implemented in their own modules: each has ``add_parser(subparsers)``, which adds the
+#: sub-command with ``func`` set to the module's ``main(args) -> int``.
 EXTERNAL_COMMANDS = ("aptp.routers.cli_route", "aptp.analysis_cli")
 
 
@@ -67,12 +68,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
+    from aptp.core.errors import ConfigError
     from aptp.harness import EvalConfig, compare, grid_cells
 
     cells = grid_cells(args.grid)
-    eval_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig),
-                                                   OmegaConf.from_dotlist(args.eval or [])))
+    try:
+        eval_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig),
+                                                       OmegaConf.from_dotlist(args.eval or [])))
+    except (OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(f"--eval {' '.join(args.eval or [])}: {exc}") from None
     name = args.name or f"{Path(args.experiment).stem}-ablation"
     out = Path(args.output_dir or f"runs/{name}")
     for cell, overrides in cells.items():
@@ -143,10 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_ablate)
 
     for module in _external_modules():
-        before = set(sub.choices)
-        module.add_parser(sub)
-        for command in set(sub.choices) - before:
-            sub.choices[command].set_defaults(func=module.main)
+        module.add_parser(sub)  # adds its sub-command with func=module.main
     return parser
 
 

@@ -169,9 +169,10 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
     metrics = build_metrics(cfg.metrics)
     results = {"dense": evaluate_pipeline("dense", dense, prompts, cfg, metrics, None)}
     for name in cells:
-        pipe = RoutedPipeline.from_run(out_dir / "cells" / name)
-        ratios = _kept_ratios(out_dir / "cells" / name)
-        results[name] = evaluate_pipeline(name, pipe, prompts, cfg, metrics, ratios)
+        run = out_dir / "cells" / name
+        same_backbone = _backbone_section(run) == _backbone_section(first)
+        pipe = RoutedPipeline.from_run(run, modules=dense.modules if same_backbone else None)
+        results[name] = evaluate_pipeline(name, pipe, prompts, cfg, metrics, pipe.kept_ratios)
     rows = [r["row"] for r in results.values()]
     (out_dir / "results.json").write_text(json.dumps({"eval": asdict(cfg), "rows": rows,
                                                       "summaries": summaries}, indent=1, default=str) + "\n")
@@ -179,10 +180,8 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
     return {"rows": rows, "report": str(report)}
 
 
-def _kept_ratios(run_dir: Path) -> torch.Tensor | None:
-    from aptp.routers.bundle import load_router_bundle
-
-    return load_router_bundle(run_dir / "router").kept_ratios()
+def _backbone_section(run_dir: Path) -> Any:
+    return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").backbone)
 
 
 def _pixel_resolution(pipe: RoutedPipeline, cond) -> int:

@@ -55,7 +55,8 @@ class RoutedPipeline:
     """Prompt-routed text-to-image generation over K experts of one backbone."""
 
     def __init__(self, backbone: Backbone, modules: BackboneModules, encoder: PromptEncoder, router: Router,
-                 experts: Mapping[int, ExpertSource], max_batch_size: int = 16, resident: bool = True) -> None:
+                 experts: Mapping[int, ExpertSource], max_batch_size: int = 16, resident: bool = True,
+                 kept_ratios: torch.Tensor | None = None) -> None:
         missing = set(range(router.num_experts)) - set(experts)
         if missing:
             raise ValueError(f"no expert given for ids {sorted(missing)}; the router has {router.num_experts} experts.")
@@ -66,12 +67,15 @@ class RoutedPipeline:
         self._resident: dict[int, nn.Module] = {k: v for k, v in experts.items() if isinstance(v, nn.Module)}
         self.max_batch_size = max_batch_size
         self.resident = resident
+        self.kept_ratios = kept_ratios  # (K,) each expert's kept-MACs ratio, when known
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 max_batch_size: int = 16, resident: bool = True, registry: Registry | None = None) -> RoutedPipeline:
+                 max_batch_size: int = 16, resident: bool = True, registry: Registry | None = None,
+                 modules: BackboneModules | None = None) -> RoutedPipeline:
         """Load the output of ``aptp run`` (``config.yaml``, ``router/``, ``experts/expert-k``); experts
-        are loaded lazily on first use."""
+        are loaded lazily on first use. ``modules``: the already loaded parts of the same backbone
+        (text encoder, scheduler, VAE) to share instead of loading them again."""
         from aptp.core.config import instantiate_config, validate
         from aptp.core.plugins import default_registry
         from aptp.pruners.expert import load_expert
@@ -91,8 +95,9 @@ class RoutedPipeline:
             if not folder.is_dir():
                 raise FileNotFoundError(f"{folder} is missing: the run did not finish expert {k} (rerun to resume).")
             experts[k] = functools.partial(load_expert, folder, device, dtype)
-        return cls(backbone, backbone.load(device=device, dtype=dtype), bundle.encoder, bundle.router, experts,
-                   max_batch_size=max_batch_size, resident=resident)
+        modules = modules if modules is not None else backbone.load(device=device, dtype=dtype)
+        return cls(backbone, modules, bundle.encoder, bundle.router, experts, max_batch_size=max_batch_size,
+                   resident=resident, kept_ratios=bundle.kept_ratios())
 
     def expert(self, k: int) -> nn.Module:
         """Expert ``k``, loading it if it is not resident."""

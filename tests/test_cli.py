@@ -32,6 +32,6 @@ def test_config_errors_are_one_clear_line(capsys, tmp_path):
     assert err.startswith("aptp config: error:") and "does not exist" in err
 
 
-def test_console_script_is_installed():
+def test_module_entry_point_prints_the_version():
     out = subprocess.run([sys.executable, "-m", "aptp.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("aptp ")
