@@ -42,7 +42,6 @@ from aptp.pruners.training import (
     JsonlLogger,
     TrainContext,
     global_batch_indices,
-    prepare_context,
     step_generator,
 )
 from aptp.routers import distributed as D
@@ -123,8 +122,8 @@ class AptpPruner(Pruner):
                 f"{type(router).__name__}; use pruner=static for routers that do not learn codes."
             )
         composition.require("balancer")
-        ctx = prepare_context(composition, self.config.data, output_dir, progress=self.config.progress,
-                              min_snr_gamma=self.config.min_snr_gamma)
+        ctx = TrainContext(composition, self.config.data, output_dir, progress=self.config.progress,
+                           min_snr_gamma=self.config.min_snr_gamma)
         router.bind(ctx.unit_space, ctx.encoder.dim)
         phase1 = self.phase1(ctx, router)
         phase2 = self.phase2(ctx, router)

@@ -13,7 +13,7 @@ import torch
 
 from aptp.core.interfaces import AssignmentContext, Pruner
 from aptp.pruners.aptp import Phase2Config
-from aptp.pruners.training import DataConfig, prepare_context
+from aptp.pruners.training import DataConfig, TrainContext
 
 
 @dataclass
@@ -42,8 +42,8 @@ class StaticPruner(Pruner):
         c = self.config
         router = composition.require("router")  # fail before loading any model
         assignment = composition.require("assignment")
-        ctx = prepare_context(composition, c.data, Path(output_dir), progress=c.progress,
-                              min_snr_gamma=c.min_snr_gamma)
+        ctx = TrainContext(composition, c.data, Path(output_dir), progress=c.progress,
+                           min_snr_gamma=c.min_snr_gamma)
         embeddings = ctx.all_embeddings()  # (N, D)
         router.fit(embeddings)
         router.eval()

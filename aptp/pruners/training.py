@@ -350,8 +350,3 @@ class TrainContext:
             return None
         return save_router_bundle(self.output_dir / "router", self.encoder, router,
                                   unit_space=self.unit_space, architectures=architectures)
-
-
-def prepare_context(composition, data: DataConfig, output_dir: Path, progress: bool = True,
-                    min_snr_gamma: float | None = 5.0) -> TrainContext:
-    return TrainContext(composition, data, output_dir, progress, min_snr_gamma)
