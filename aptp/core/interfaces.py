@@ -17,7 +17,7 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -250,6 +250,13 @@ def load_denoiser_files(directory: str | Path) -> dict[str, torch.Tensor]:
 GateGetter = Callable[[], "torch.Tensor | None"]
 
 
+class UnitChannels(NamedTuple):
+    """A width unit group as channels: unit ``j`` is input channels ``[j s, (j+1) s)`` of ``layer``."""
+
+    layer: nn.Module  # the consumer whose input channels the gate scales (e.g. a ResNet's conv2)
+    channels_per_unit: int  # s
+
+
 class Granularity(Component, abc.ABC):
     """A kind of prunable unit: finds the unit groups in a denoiser, gates them, cuts them.
 
@@ -275,6 +282,15 @@ class Granularity(Component, abc.ABC):
         Optional; granularities without a meaningful weight norm (e.g. depth) need not define it,
         and magnitude pruning then keeps their units."""
         raise NotImplementedError(f"granularity {type(self).__name__} defines no weight magnitude")
+
+    def unit_channels(self, denoiser: nn.Module, group: UnitGroup) -> UnitChannels:
+        """Where a channel pruner cuts ``group``: the layer whose *input* channels carry the units
+        (the layer the gate multiplies into) and how many contiguous channels each unit owns.
+
+        Optional; it lets an external dependency-graph pruner (torch-pruning, see
+        :mod:`aptp.pruners.depgraph`) cut this granularity. Units that are not channels (depth) do
+        not define it."""
+        raise NotImplementedError(f"granularity {type(self).__name__} is not a channel granularity")
 
 
 # ----------------------------------------------------------------------------- encoder / routing

@@ -171,7 +171,7 @@ def _mark_new_hooks(root: nn.Module, before: set[tuple[int, int]]) -> None:
                         pass
 
 
-def _strip_gate_hooks(root: nn.Module) -> None:
+def strip_gate_hooks(root: nn.Module) -> None:
     """Remove gate hooks that a deepcopy carried over (the cut model must never be gated)."""
     for m in root.modules():
         for d in _hook_dicts(m):
@@ -206,7 +206,7 @@ def cut_model(denoiser: nn.Module, space: UnitSpace, granularities: Sequence[Gra
     keep = arch.detach().cpu() >= 0.5  # (U,) bool
     kinds = _by_kind(granularities)
     model = denoiser if inplace else copy.deepcopy(denoiser)
-    _strip_gate_hooks(model)
+    strip_gate_hooks(model)
     where = {p: space.offsets[i] + j for i, g in enumerate(space.groups) for j, p in enumerate(g.unit_paths)}
     width = [i for i, g in enumerate(space.groups) if not g.unit_paths]
     blocks = [i for i, g in enumerate(space.groups) if g.unit_paths]

@@ -13,7 +13,7 @@ import torch
 
 from aptp.core.interfaces import AssignmentContext, Pruner
 from aptp.pruners.aptp import Phase2Config
-from aptp.pruners.training import DataConfig, TrainContext
+from aptp.pruners.training import DataConfig, TrainContext, check_cut_backend
 
 
 @dataclass
@@ -27,10 +27,12 @@ class StaticPrunerConfig:
     min_snr_gamma: float = 5.0
     resume: bool = True
     progress: bool = True
+    cut_backend: str = "aptp"  # or torch_pruning: the same expert cut by its dependency graph (channels only)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_ratio <= 1.0:
             raise ValueError(f"target_ratio={self.target_ratio} must be in (0, 1].")
+        check_cut_backend(self.cut_backend)
 
 
 class StaticPruner(Pruner):
@@ -62,7 +64,8 @@ class StaticPruner(Pruner):
             f = c.finetune
             losses[k] = ctx.finetune_expert(k, archs[k], members, steps=f.steps, batch_size=f.batch_size,
                                             lr=f.lr * (math.sqrt(f.batch_size) if c.scale_lr else 1.0),
-                                            weights=(f.denoise, f.distill, f.block), resume=c.resume)
+                                            weights=(f.denoise, f.distill, f.block), resume=c.resume,
+                                            cut_backend=c.cut_backend)
         ctx.save_bundle(router, archs)
         ratios = ctx.unit_space.macs_ratio(archs)
         return {"expert_macs_ratios": [round(float(r), 4) for r in ratios],

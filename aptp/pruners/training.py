@@ -146,6 +146,16 @@ class JsonlLogger:
         self.path.write_text("".join(f"{line}\n" for line in keep))
 
 
+CUT_BACKENDS = ("aptp", "torch_pruning")
+
+
+def check_cut_backend(name: str) -> str:
+    """``name`` if it is a cutting backend, else a ValueError listing them."""
+    if name not in CUT_BACKENDS:
+        raise ValueError(f"cut_backend={name!r} is unknown; use one of {list(CUT_BACKENDS)}.")
+    return name
+
+
 class TrainContext:
     """The frozen dense model with gates installed, the data, and the run folder."""
 
@@ -255,17 +265,19 @@ class TrainContext:
 
     # --- experts ---------------------------------------------------------------------------------
     def finetune_expert(self, k: int, arch: torch.Tensor, members: torch.Tensor, steps: int, batch_size: int,
-                        lr: float, weights: tuple[float, float, float], resume: bool = True) -> list[float]:
-        """Cut expert ``k`` from the dense weights, fine-tune it on dataset rows ``members`` with the
-        dense model as teacher, save it under ``experts/expert-k``. Returns the output-distillation
-        loss on a fixed batch of its prompts before and after fine-tuning."""
+                        lr: float, weights: tuple[float, float, float], resume: bool = True,
+                        cut_backend: str = "aptp") -> list[float]:
+        """Cut expert ``k`` from the dense weights (with ``cut_backend``, see :meth:`cut`), fine-tune
+        it on dataset rows ``members`` with the dense model as teacher, save it under
+        ``experts/expert-k``. Returns the output-distillation loss on a fixed batch of its prompts
+        before and after fine-tuning."""
         from aptp.pruners.expert import save_expert
 
         final = self.output_dir / "experts" / f"expert-{k}"
         if resume and (final / "finetune.json").is_file():  # finished in an earlier run
             return json.loads((final / "finetune.json").read_text())["distill_before_after"]
         w_d, w_o, w_b = weights
-        expert = self.cut(arch)
+        expert = self.cut(arch, cut_backend)
         expert.train().requires_grad_(True)
         opt = torch.optim.AdamW(expert.parameters(), lr=lr)
         ckpt_dir = self.output_dir / "checkpoints" / f"expert-{k}"
@@ -323,13 +335,29 @@ class TrainContext:
         self.barrier()
         return [before, after]
 
-    def cut(self, arch: torch.Tensor) -> torch.nn.Module:
-        """The expert of ``arch`` (U,) cut from the dense weights (without this context's hooks)."""
+    def cut(self, arch: torch.Tensor, backend: str = "aptp") -> torch.nn.Module:
+        """The expert of ``arch`` (U,) cut from the dense weights (without this context's hooks) by
+        ``backend``: ``aptp`` (the granularities' own cuts) or ``torch_pruning`` (its dependency
+        graph; channel units only, the same expert: :mod:`aptp.pruners.depgraph`)."""
+        check_cut_backend(backend)
         self.features.remove()  # a deepcopy would carry the recorder's hooks into the expert
         try:
+            if backend == "torch_pruning":
+                from aptp.pruners.depgraph import cut_with_torch_pruning
+
+                return cut_with_torch_pruning(self.denoiser, self.unit_space, self.granularities, arch,
+                                              self.example_inputs(), lambda m, a: self.backbone.denoise(m, *a))
             return cut_model(self.denoiser, self.unit_space, self.granularities, arch)
         finally:
             self.features = O.FeatureRecorder(self.backbone.feature_modules(self.denoiser))
+
+    def example_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sample's denoiser inputs (x_t (1, C, H, W), t (1,), text (1, L, D)) for tracing."""
+        p = next(self.denoiser.parameters())
+        cond = self.conditioning
+        t = torch.full((1,), self.modules.scheduler.config.num_train_timesteps // 2, device=p.device)
+        return (torch.randn(1, *cond.sample_shape, device=p.device, dtype=p.dtype), t,
+                torch.randn(1, cond.text_len, cond.text_dim, device=p.device, dtype=p.dtype))
 
     @torch.no_grad()
     def _distillation(self, expert: torch.nn.Module, batch: Batch) -> float:

@@ -32,3 +32,36 @@ def test_kmeans_router_with_per_cluster_taylor(tmp_path):
 def test_static_pruner_names_what_is_missing(tmp_path):
     with pytest.raises(ConfigError, match="needs an 'assignment'"):
         run_experiment(tmp_path, ["pruner=static", "router=single"])
+
+
+def test_torch_pruning_backend_trains_and_saves_the_same_expert(tmp_path):
+    """The channel baseline cut by torch-pruning's dependency graph: same expert, same fine-tuning."""
+    import torch
+
+    from aptp.pruners.expert import load_expert
+
+    common = ["pruner=static", "router=single", "assignment=magnitude", "granularity=width",
+              "pruner.finetune.steps=3", "pruner.finetune.batch_size=2", "pruner.data.num_samples=4"]
+    _, ours = run_experiment(tmp_path / "aptp", common)
+    _, theirs = run_experiment(tmp_path / "tp", [*common, "pruner.cut_backend=torch_pruning"])
+    assert theirs["expert_macs_ratios"] == ours["expert_macs_ratios"]
+    a = load_expert(tmp_path / "aptp" / "experts" / "expert-0").state_dict()
+    b = load_expert(tmp_path / "tp" / "experts" / "expert-0").state_dict()
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_unknown_cut_backend_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="cut_backend='pruna'.*torch_pruning"):
+        run_experiment(tmp_path, ["pruner=static", "router=single", "assignment=magnitude",
+                                  "pruner.cut_backend=pruna"])
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor", "lamp", "fpgm"])
+def test_torch_pruning_importance_meets_the_budget(tmp_path, importance):
+    _, summary = run_experiment(tmp_path, ["pruner=static", "router=kmeans", "router.num_experts=2",
+                                           "assignment=depgraph", f"assignment.importance={importance}",
+                                           "assignment.calibration_batches=1", "assignment.batch_size=4",
+                                           "pruner.finetune.steps=0", "pruner.data.num_samples=8"])
+    ratios = summary["expert_macs_ratios"]
+    assert len(ratios) == 2 and all(0.5 <= r <= 0.6 + 1e-6 for r in ratios), ratios

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aptp.core.interfaces import Conditioning, GateGetter, Granularity
+from aptp.core.interfaces import Conditioning, GateGetter, Granularity, UnitChannels
 from aptp.core.units import UnitGroup
 from aptp.pruners.granularities._common import (
     HookHandles,
@@ -96,6 +96,11 @@ class AttentionHeads(Granularity):
         sq = sum(lin.weight.detach().float().pow(2).sum(1) for lin in (a.to_q, a.to_k, a.to_v))  # (h d,)
         sq = sq + a.to_out[0].weight.detach().float().pow(2).sum(0)
         return sq.view(group.num_units, -1).sum(1).sqrt().cpu()
+
+    def unit_channels(self, denoiser: nn.Module, group: UnitGroup) -> UnitChannels:
+        """``to_out[0]``'s input channels, one head (``d`` channels) per unit (the gate's place)."""
+        a = get_module(denoiser, group.path)
+        return UnitChannels(a.to_out[0], _head_dim(a))
 
     def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> HookHandles:
         a = get_module(denoiser, group.path)

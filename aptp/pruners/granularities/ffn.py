@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aptp.core.interfaces import Conditioning, GateGetter, Granularity
+from aptp.core.interfaces import Conditioning, GateGetter, Granularity, UnitChannels
 from aptp.core.units import UnitGroup
 from aptp.pruners.granularities._common import (
     HookHandles,
@@ -89,6 +89,11 @@ class FFN(Granularity):
         sq = proj.weight.detach().float().pow(2).sum(1).view(k, f).sum(0)  # (F,)
         sq = sq + out.weight.detach().float().pow(2).sum(0)
         return sq.view(group.num_units, -1).sum(1).sqrt().cpu()
+
+    def unit_channels(self, denoiser: nn.Module, group: UnitGroup) -> UnitChannels:
+        """``net[2]``'s input channels, ``F / n`` per unit (the gate's place)."""
+        _, out, f, _ = _layout(get_module(denoiser, group.path))
+        return UnitChannels(out, f // group.num_units)
 
     def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> HookHandles:
         ff = get_module(denoiser, group.path)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aptp.core.interfaces import Conditioning, GateGetter, Granularity
+from aptp.core.interfaces import Conditioning, GateGetter, Granularity, UnitChannels
 from aptp.core.units import UnitGroup
 from aptp.pruners.granularities._common import (
     HookHandles,
@@ -85,6 +85,11 @@ class ResnetChannels(Granularity):
             w = r.time_emb_proj.weight.detach().float().pow(2).sum(1)  # (halves * C,)
             sq = sq + w.view(-1, c).sum(0)
         return sq.view(n, c // n).sum(1).sqrt().cpu()
+
+    def unit_channels(self, denoiser: nn.Module, group: UnitGroup) -> UnitChannels:
+        """conv2's input channels, ``C / G`` per unit (the gate's place)."""
+        r = get_module(denoiser, group.path)
+        return UnitChannels(r.conv2, r.conv1.out_channels // group.num_units)
 
     def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> HookHandles:
         r = get_module(denoiser, group.path)
