@@ -13,6 +13,7 @@ def aptp_register_granularities(registry):
 
 @hookimpl
 def aptp_register_assignments(registry):
+    from aptp.pruners.assignments.depgraph import DepGraphImportanceAssignment
     from aptp.pruners.assignments.magnitude import MagnitudeAssignment
     from aptp.pruners.assignments.random import RandomAssignment
     from aptp.pruners.assignments.taylor import TaylorAssignment
@@ -20,6 +21,7 @@ def aptp_register_assignments(registry):
     registry.add("magnitude", MagnitudeAssignment)
     registry.add("taylor", TaylorAssignment)
     registry.add("random", RandomAssignment)
+    registry.add("depgraph", DepGraphImportanceAssignment)
 
 
 @hookimpl

@@ -33,6 +33,7 @@ class TaylorConfig:
 def taylor_importance(ctx, members: torch.Tensor, batches: int, batch_size: int, salt: int) -> torch.Tensor:
     """(U,) Taylor importance of every unit on dataset rows ``members``."""
     from aptp.pruners.training import global_batch_indices
+    from aptp.routers import distributed as D
 
     space = ctx.unit_space
     total = torch.zeros(space.size, dtype=torch.float64)
@@ -47,7 +48,7 @@ def taylor_importance(ctx, members: torch.Tensor, batches: int, batch_size: int,
         loss = (O.per_sample_mse(pred, batch.target) * batch.snr_weight).sum()
         (grad,) = torch.autograd.grad(loss, g)
         total += grad.sum(0).double()  # sum_b g * dL/dg at g = 1
-    return total.abs()
+    return D.all_reduce_sum(total.to(ctx.state.device)).cpu().abs()  # every process picks the same units
 
 
 class TaylorAssignment(Assignment):
