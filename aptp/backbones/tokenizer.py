@@ -8,7 +8,9 @@ special tokens (ids 512 and 513).
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +36,7 @@ def _files() -> Path:
     vocab["<|startoftext|>"] = 512
     vocab["<|endoftext|>"] = 513
     root = Path(tempfile.mkdtemp(prefix="aptp-byte-clip-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # the tokenizer has read them by then
     (root / "vocab.json").write_text(json.dumps(vocab))
     (root / "merges.txt").write_text("#version: 0.2\n")
     return root
