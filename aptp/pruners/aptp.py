@@ -12,7 +12,9 @@ Phase 1 (model weights frozen) trains the router's architecture predictor and it
         + w_c L_contrastive(e, z)             # r = kept-MACs ratio of g, (B,)
 
 During the first ``warmup_steps`` the predictor's own soft gates drive the model (no codes, no
-OT). Phase 2 cuts each expert from the dense weights by its code and fine-tunes it on the prompts
+OT). With a router that learns no codes (``kmeans``, ``single``), that router assigns the prompts
+instead of optimal transport and phase 1 learns one code per expert (an ablation of the learned
+routing; :meth:`AptpPruner.run_fixed_routing`). Phase 2 cuts each expert from the dense weights by its code and fine-tunes it on the prompts
 routed to it, with the dense model as teacher.
 
 Distributed (``accelerate launch`` / ``torchrun``): every process draws the *global* batch's
@@ -34,7 +36,6 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from aptp.core.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
-from aptp.core.errors import ConfigError
 from aptp.core.interfaces import Pruner
 from aptp.pruners import objectives as O
 from aptp.pruners.training import (
@@ -42,6 +43,7 @@ from aptp.pruners.training import (
     JsonlLogger,
     TrainContext,
     global_batch_indices,
+    local_rows,
     step_generator,
 )
 from aptp.routers import distributed as D
@@ -116,11 +118,8 @@ class AptpPruner(Pruner):
     def run(self, composition, output_dir: Path) -> dict[str, Any]:
         output_dir = Path(output_dir)
         router = composition.require("router")  # fail before loading any model
-        if not hasattr(router, "bind") or not hasattr(router, "code_gates"):
-            raise ConfigError(
-                f"pruner 'aptp' learns architecture codes and needs router 'ot', got a "
-                f"{type(router).__name__}; use pruner=static for routers that do not learn codes."
-            )
+        if not learns_codes(router):
+            return self.run_fixed_routing(composition, router, output_dir)
         composition.require("balancer")
         ctx = TrainContext(composition, self.config.data, output_dir, progress=self.config.progress,
                            min_snr_gamma=self.config.min_snr_gamma)
@@ -130,10 +129,32 @@ class AptpPruner(Pruner):
         ctx.save_bundle(router, router.architectures())
         return {**phase1, **phase2, "output_dir": str(output_dir)}
 
+    def run_fixed_routing(self, composition, router, output_dir: Path) -> dict[str, Any]:
+        """Ablation "routing without learned codes": ``router`` (e.g. ``kmeans``) is fitted to the
+        training prompts' embeddings and assigns every prompt to an expert; phase 1 learns one
+        architecture code per expert with APTP's objective (its own codes and predictor, no
+        balancing), phase 2 fine-tunes as usual; the bundle routes with ``router``."""
+        from aptp.routers.ot import OTRouter, OTRouterConfig
+
+        ctx = TrainContext(composition, self.config.data, output_dir, progress=self.config.progress,
+                           min_snr_gamma=self.config.min_snr_gamma)
+        embeddings = ctx.all_embeddings()  # (N, D)
+        router.fit(embeddings)
+        router.eval()
+        with torch.no_grad():
+            ids = router.route(embeddings).expert_ids  # (N,) fixed for the whole run
+        codes = OTRouter(OTRouterConfig(num_experts=router.num_experts)).bind(ctx.unit_space, ctx.encoder.dim)
+        phase1 = self.phase1(ctx, codes, fixed_ids=ids)
+        phase2 = self.phase2(ctx, codes, fixed_ids=ids)
+        ctx.save_bundle(router, codes.architectures())
+        return {**phase1, **phase2, "output_dir": str(output_dir)}
+
     # --------------------------------------------------------------------------------- phase 1
-    def phase1(self, ctx: TrainContext, router) -> dict[str, Any]:
+    def phase1(self, ctx: TrainContext, router, fixed_ids: torch.Tensor | None = None) -> dict[str, Any]:
+        """Train ``router``'s predictor and codes; prompts go to codes by optimal transport, or by
+        ``fixed_ids`` (N,) (the expert of every dataset row) when given."""
         c = self.config
-        balancer = ctx.composition.require("balancer")
+        balancer = ctx.composition.require("balancer") if fixed_ids is None else None
         lr = c.lr * (math.sqrt(c.batch_size) if c.scale_lr else 1.0)
         opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=c.weight_decay)
         ckpt_dir = ctx.output_dir / "checkpoints" / "phase1"
@@ -152,11 +173,15 @@ class AptpPruner(Pruner):
         w = c.weights
         last: dict[str, float] = {}
         for step in bar:
-            batch = ctx.batch(global_batch_indices(len(ctx.dataset), c.batch_size, ctx.seed, step), step)
+            idx = global_batch_indices(len(ctx.dataset), c.batch_size, ctx.seed, step)  # (B,) dataset rows
+            batch = ctx.batch(idx, step)
             warm = step < c.warmup_steps
             if step == c.warmup_steps and c.init_codes == "kmeans":
                 sample = global_batch_indices(len(ctx.dataset), min(len(ctx.dataset), 1024), ctx.seed, 0)
-                router.init_codes_from_predictions(ctx.all_embeddings()[sample], seed=ctx.seed)
+                if fixed_ids is None:
+                    router.init_codes_from_predictions(ctx.all_embeddings()[sample], seed=ctx.seed)
+                else:  # the fixed router's groups are the clusters
+                    router.init_codes_from_groups(ctx.all_embeddings()[sample], fixed_ids[sample])
             z = batch.z  # (b, D) local rows
             e = router.predict(z)  # (b, U)
             with torch.random.fork_rng():  # gate noise depends on (seed, step) only: resumable
@@ -167,7 +192,10 @@ class AptpPruner(Pruner):
                     expert = torch.full((z.shape[0],), -1, dtype=torch.long)
                 else:
                     with torch.no_grad():
-                        expert = balancer.assign(router.scores(z))  # (b,) balanced over the global batch
+                        if fixed_ids is None:
+                            expert = balancer.assign(router.scores(z))  # (b,) balanced over the global batch
+                        else:
+                            expert = fixed_ids[idx[local_rows(len(idx))]]  # (b,) this process's rows
                     g = router.code_gates(noise=True, hard=False)[expert]  # (b, U) soft, of the routed codes
                     g_deploy = router.code_gates(noise=False, hard=True)[expert]  # (b, U) straight-through
             student, teacher, f_s, f_t = ctx.forward_pair(batch, g)
@@ -220,12 +248,16 @@ class AptpPruner(Pruner):
                 "phase1_last": last}
 
     # --------------------------------------------------------------------------------- phase 2
-    def phase2(self, ctx: TrainContext, router) -> dict[str, Any]:
+    def phase2(self, ctx: TrainContext, router, fixed_ids: torch.Tensor | None = None) -> dict[str, Any]:
+        """Cut and fine-tune every code's expert on the prompts routed to it (by ``router``, or
+        ``fixed_ids`` (N,) when given)."""
         p = self.config.phase2
         archs = router.architectures()  # (K, U)
-        with torch.no_grad():
-            router.eval()
-            ids = router.route(ctx.all_embeddings()).expert_ids  # (N,) inference routing
+        ids = fixed_ids
+        if ids is None:
+            with torch.no_grad():
+                router.eval()
+                ids = router.route(ctx.all_embeddings()).expert_ids  # (N,) inference routing
         summary: dict[str, Any] = {"routed_load": torch.bincount(ids, minlength=router.num_experts).tolist()}
         losses = {}
         for k in range(router.num_experts):
@@ -239,6 +271,12 @@ class AptpPruner(Pruner):
                                             resume=self.config.resume)
         summary["phase2_distill_before_after"] = losses
         return summary
+
+
+def learns_codes(router) -> bool:
+    """Whether ``router`` has APTP's predictor and architecture codes (``ot``); other routers
+    (``kmeans``, ``single``, ...) only assign prompts (:meth:`AptpPruner.run_fixed_routing`)."""
+    return hasattr(router, "bind") and hasattr(router, "code_gates")
 
 
 def sum_gradients(params) -> None:

@@ -157,6 +157,21 @@ class OTRouter(Router):
         return torch.as_tensor(km.labels_, dtype=torch.long)
 
     @torch.no_grad()
+    def init_codes_from_groups(self, z: torch.Tensor, labels: torch.Tensor) -> None:
+        """Set code k to the mean of the predictor's raw logits on the prompts ``z`` (N, D) labelled
+        k (``labels`` (N,) in [0, K)): the k-means init when a fixed router chose the groups.
+        Codes without prompts keep their value."""
+        self._require_bound()
+        z = check_embeddings(z, self.embed_dim)
+        if labels.shape != (z.shape[0],):
+            raise ShapeError(f"labels must have shape ({z.shape[0]},), got {tuple(labels.shape)}.")
+        raw = self.predictor(z.to(self.codes.weight.dtype))  # (N, R)
+        for k in range(self.config.num_experts):
+            rows = labels == k
+            if bool(rows.any()):
+                self.codes.weight[k] = raw[rows].mean(0)
+
+    @torch.no_grad()
     def architectures(self) -> torch.Tensor:
         """The experts' architectures: deterministic hard code gates, (K, U) float in {0, 1}."""
         return self.code_gates(noise=False, hard=True).detach().clone()

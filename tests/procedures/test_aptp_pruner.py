@@ -71,8 +71,18 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
         assert rel < 1e-5, (key, float(rel))
 
 
-def test_aptp_pruner_needs_the_ot_router(tmp_path):
-    from aptp.core.errors import ConfigError
+def test_aptp_with_a_fixed_router_learns_one_code_per_cluster(tmp_path):
+    """router=kmeans under pruner=aptp: k-means assigns the prompts, phase 1 learns the codes."""
+    from aptp.routers.bundle import load_router_bundle
 
-    with pytest.raises(ConfigError, match="needs router 'ot'"):
-        run_experiment(tmp_path, ["router=kmeans", "pruner.steps=1"])
+    comp, summary = run_experiment(tmp_path, ["router=kmeans", "pruner.init_codes=kmeans"])
+    phase1 = read_log(tmp_path / "phase1.jsonl")
+    trained = [r for r in phase1 if not r["warmup"]]
+    assert trained and all(sum(r["load"]) == 4 for r in trained)
+    bundle = load_router_bundle(tmp_path / "router")
+    assert type(bundle.router).__name__ == "KMeansRouter" and bundle.architectures.shape[0] == 2
+    # the saved router routes the training prompts as they were routed in training
+    assert sum(summary["routed_load"]) == 16 and len(summary["expert_macs_ratios"]) == 2
+    pipe = RoutedPipeline.from_run(tmp_path)
+    ids = pipe.route(["a red circle", "the letter A in blue"])
+    assert ids.shape == (2,) and int(ids.max()) < 2
