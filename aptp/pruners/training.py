@@ -352,12 +352,13 @@ class TrainContext:
             self.features = O.FeatureRecorder(self.backbone.feature_modules(self.denoiser))
 
     def example_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One sample's denoiser inputs (x_t (1, C, H, W), t (1,), text (1, L, D)) for tracing."""
+        """One sample's denoiser inputs (x_t (1, C, H, W), t (1,), text (1, L, D)) for tracing
+        (from a private generator: the global random state is left alone)."""
         p = next(self.denoiser.parameters())
-        cond = self.conditioning
+        cond, g = self.conditioning, torch.Generator().manual_seed(0)
         t = torch.full((1,), self.modules.scheduler.config.num_train_timesteps // 2, device=p.device)
-        return (torch.randn(1, *cond.sample_shape, device=p.device, dtype=p.dtype), t,
-                torch.randn(1, cond.text_len, cond.text_dim, device=p.device, dtype=p.dtype))
+        return (torch.randn(1, *cond.sample_shape, generator=g).to(p.device, p.dtype), t,
+                torch.randn(1, cond.text_len, cond.text_dim, generator=g).to(p.device, p.dtype))
 
     @torch.no_grad()
     def _distillation(self, expert: torch.nn.Module, batch: Batch) -> float:
