@@ -123,7 +123,7 @@ class AptpPruner(Pruner):
         composition.require("balancer")
         ctx = TrainContext(composition, self.config.data, output_dir, progress=self.config.progress,
                            min_snr_gamma=self.config.min_snr_gamma)
-        router.bind(ctx.unit_space, ctx.encoder.dim)
+        bind_seeded(router, ctx)
         phase1 = self.phase1(ctx, router)
         phase2 = self.phase2(ctx, router)
         ctx.save_bundle(router, router.architectures())
@@ -143,7 +143,7 @@ class AptpPruner(Pruner):
         router.eval()
         with torch.no_grad():
             ids = router.route(embeddings).expert_ids  # (N,) fixed for the whole run
-        codes = OTRouter(OTRouterConfig(num_experts=router.num_experts)).bind(ctx.unit_space, ctx.encoder.dim)
+        codes = bind_seeded(OTRouter(OTRouterConfig(num_experts=router.num_experts)), ctx)
         phase1 = self.phase1(ctx, codes, fixed_ids=ids)
         phase2 = self.phase2(ctx, codes, fixed_ids=ids)
         ctx.save_bundle(router, codes.architectures())
@@ -271,6 +271,14 @@ class AptpPruner(Pruner):
                                             resume=self.config.resume)
         summary["phase2_distill_before_after"] = losses
         return summary
+
+
+def bind_seeded(router, ctx: TrainContext):
+    """``router.bind(...)`` with its predictor and codes initialised from the run's seed, not from
+    whatever the global random state is (which depends on what ran before in the process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed)
+        return router.bind(ctx.unit_space, ctx.encoder.dim)
 
 
 def learns_codes(router) -> bool:

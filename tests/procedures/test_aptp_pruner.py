@@ -86,3 +86,26 @@ def test_aptp_with_a_fixed_router_learns_one_code_per_cluster(tmp_path):
     pipe = RoutedPipeline.from_run(tmp_path)
     ids = pipe.route(["a red circle", "the letter A in blue"])
     assert ids.shape == (2,) and int(ids.max()) < 2
+
+
+def test_router_initialisation_does_not_depend_on_the_global_random_state():
+    """The router is initialised from the run's seed: a cell of a comparison starts the same
+    whatever ran before it in the process (e.g. whether it loaded the shared model itself)."""
+    from types import SimpleNamespace
+
+    from aptp.pruners.aptp import bind_seeded
+    from aptp.routers.ot import OTRouter, OTRouterConfig
+
+    from aptp.backbones.unet import UNetBackbone, UNetBackboneConfig
+    from aptp.pruners.gating import build_unit_space
+    from aptp.pruners.granularities import FFN, FFNConfig
+
+    bb = UNetBackbone(UNetBackboneConfig(preset="tiny"))
+    space = build_unit_space(bb.build_denoiser(), [FFN(FFNConfig())], bb.conditioning())
+    ctx = SimpleNamespace(seed=3, unit_space=space, encoder=SimpleNamespace(dim=384))
+    tensors = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        tensors.append(bind_seeded(OTRouter(OTRouterConfig(num_experts=4)), ctx).state_tensors())
+    for key in tensors[0]:
+        assert torch.equal(tensors[0][key], tensors[1][key]), key
