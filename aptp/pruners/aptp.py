@@ -12,7 +12,7 @@ Phase 1 (model weights frozen) trains the router's architecture predictor and it
         + w_c L_contrastive(e, z)             # r = kept-MACs ratio of g, (B,)
 
 During the first ``warmup_steps`` the predictor's own soft gates drive the model (no codes, no
-OT). With a router that learns no codes (``kmeans``, ``single``), that router assigns the prompts
+OT). With a router that learns no codes (``kmeans``, ``nearest``, ``single``), that router assigns the prompts
 instead of optimal transport and phase 1 learns one code per expert (an ablation of the learned
 routing; :meth:`AptpPruner.run_fixed_routing`). Phase 2 cuts each expert from the dense weights by its code and fine-tunes it on the prompts
 routed to it, with the dense model as teacher.
@@ -283,7 +283,7 @@ def bind_seeded(router, ctx: TrainContext):
 
 def learns_codes(router) -> bool:
     """Whether ``router`` has APTP's predictor and architecture codes (``ot``); other routers
-    (``kmeans``, ``single``, ...) only assign prompts (:meth:`AptpPruner.run_fixed_routing`)."""
+    (``kmeans``, ``nearest``, ``single``) only assign prompts (:meth:`AptpPruner.run_fixed_routing`)."""
     return hasattr(router, "bind") and hasattr(router, "code_gates")
 
 

@@ -1,7 +1,9 @@
 """Nearest-neighbour router (ablation): route a prompt to the expert of its most similar labelled
 prompt.
 
-``fit(embeddings, labels=...)`` stores a bank of N labelled embeddings (labels in [0, K));
+``fit(embeddings, labels=...)`` stores a bank of N labelled embeddings (labels in [0, K)); without
+labels (a pruner fitting it to its training prompts) the bank is labelled by k-means clusters
+(``unlabelled: kmeans``), so a prompt goes to the cluster of its nearest training prompt;
 ``scores(z)[b, k]`` = the highest cosine similarity between z_b and a bank prompt of expert k
 (``EMPTY_SCORE`` = -2, below any cosine, for an expert without bank prompts).
 """
@@ -27,10 +29,16 @@ class NearestRouterConfig:
     """Nearest neighbour to a bank of labelled prompts."""
 
     num_experts: int = 8  # K; bank labels must lie in [0, K)
+    # labels of a bank fitted without labels: "kmeans" (k-means clusters of the bank, seeded) or
+    # "none" (labels are required)
+    unlabelled: str = "kmeans"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
             raise ValueError(f"num_experts={self.num_experts} must be >= 1.")
+        if self.unlabelled not in ("kmeans", "none"):
+            raise ValueError(f"unlabelled={self.unlabelled!r} must be 'kmeans' or 'none'.")
 
 
 class NearestRouter(Router):
@@ -54,8 +62,17 @@ class NearestRouter(Router):
     def fit(self, embeddings: torch.Tensor, labels: Any = None, **context: Any) -> None:
         """Store ``embeddings`` (N, D) with their expert ``labels`` (N,) ints in [0, K)."""
         z = check_embeddings(embeddings)
+        if labels is None and self.config.unlabelled == "kmeans":  # 1-NN over k-means-labelled prompts
+            from sklearn.cluster import KMeans
+
+            if z.shape[0] < self.num_experts:
+                raise ConfigError(f"need at least num_experts={self.num_experts} prompts to label the bank, "
+                                  f"got {z.shape[0]}.")
+            km = KMeans(n_clusters=self.num_experts, n_init=4, random_state=self.config.seed)
+            labels = km.fit_predict(F.normalize(z, dim=-1).double().cpu().numpy())
         if labels is None:
-            raise ConfigError("the 'nearest' router needs labels: fit(embeddings, labels=expert_id_per_prompt).")
+            raise ConfigError("the 'nearest' router needs labels: fit(embeddings, labels=expert_id_per_prompt), "
+                              "or unlabelled: kmeans.")
         labels = torch.as_tensor(labels)
         if labels.shape != (z.shape[0],) or labels.is_floating_point():
             raise ShapeError(

@@ -46,14 +46,15 @@ def test_compare_writes_a_report_with_every_model(tmp_path, capsys):
 @pytest.mark.slow
 def test_ablate_runs_a_grid_of_routers_and_granularities(tmp_path, capsys):
     out = tmp_path / "abl"
-    args = ["ablate", "smoke", "--grid", "router=ot,kmeans", "granularity=width,depth",
+    args = ["ablate", "smoke", "--grid", "router=ot,kmeans,nearest", "granularity=width,depth",
             "--set", "backbone.resolution=16", "pruner.progress=false",
             "--eval", "num_prompts=4", "steps=2", "metrics=[]", "latency_batch_sizes=[2]", "latency_repeats=1",
             "grid_per_expert=2", "--output-dir", str(out)]
     assert main(args) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["dense", "router=ot,granularity=width", "router=ot,granularity=depth",
-                                          "router=kmeans,granularity=width", "router=kmeans,granularity=depth"]
+                                          "router=kmeans,granularity=width", "router=kmeans,granularity=depth",
+                                          "router=nearest,granularity=width", "router=nearest,granularity=depth"]
     assert (out / "figures" / "tradeoffs.png").stat().st_size > 1000
     finished = {p.name: p.stat().st_mtime for p in (out / "cells").iterdir()}
     assert main(args) == 0  # resumable: finished cells are not run again

@@ -63,6 +63,17 @@ def test_nearest_router_sends_bank_prompts_to_their_label(embeddings):
     assert torch.equal(r.route(embeddings).expert_ids, labels)
 
 
+def test_nearest_router_fitted_without_labels_uses_kmeans_clusters(embeddings):
+    """What a pruner does (fit on its training prompts): the bank is labelled by k-means."""
+    r = NearestRouter(NearestRouterConfig(num_experts=3))
+    r.fit(embeddings)
+    assert sorted(set(r.labels.tolist())) == [0, 1, 2]
+    assert torch.equal(r.route(embeddings).expert_ids, r.labels)  # every bank prompt is its own neighbour
+    again = NearestRouter(NearestRouterConfig(num_experts=3))
+    again.fit(embeddings)
+    assert torch.equal(again.labels, r.labels)  # seeded
+
+
 def test_kmeans_router_routes_to_nearest_centre(embeddings):
     r = KMeansRouter(KMeansRouterConfig(num_experts=4))
     r.fit(embeddings)
@@ -154,7 +165,9 @@ def test_unprepared_routers_say_what_to_do(embeddings):
     with pytest.raises(ConfigError, match="fit"):
         KMeansRouter().route(embeddings)
     with pytest.raises(ConfigError, match="labels"):
-        NearestRouter().fit(embeddings)
+        NearestRouter(NearestRouterConfig(unlabelled="none")).fit(embeddings)
+    with pytest.raises(ConfigError, match="at least num_experts=16"):
+        NearestRouter(NearestRouterConfig(num_experts=16)).fit(embeddings)
     with pytest.raises(ConfigError, match="num_experts=5"):
         NearestRouter(NearestRouterConfig(num_experts=3)).fit(embeddings, labels=torch.arange(12) % 5)
     assert SingleRouter().route(embeddings).load.tolist() == [12]
