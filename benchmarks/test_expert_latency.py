@@ -25,23 +25,12 @@ import time
 import pytest
 import torch
 from _results import update_section
+from _setup import DEVICE, PRESET, bench_backbone, width_expert, width_granularities
 
-from aptp.backbones.unet import UNetBackbone, UNetBackboneConfig
-from aptp.pruners.gating import build_unit_space, cut_model, uniform_architecture
-from aptp.pruners.granularities import (
-    FFN,
-    AttentionHeads,
-    AttentionHeadsConfig,
-    FFNConfig,
-    ResnetChannels,
-    ResnetChannelsConfig,
-)
+from aptp.pruners.gating import build_unit_space
 
 RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 BATCHES = tuple(int(b) for b in os.environ.get("APTP_BENCH_BATCHES", "1,8").split(","))
-PRESET = os.environ.get("APTP_BENCH_PRESET", "small")
-RESOLUTION = int(os.environ.get("APTP_BENCH_RESOLUTION", "128" if PRESET == "small" else "0")) or None
-DEVICE = os.environ.get("APTP_BENCH_DEVICE", "cpu")
 THREADS = int(os.environ.get("APTP_BENCH_THREADS", "1"))
 INTERLEAVED_ROUNDS = int(os.environ.get("APTP_BENCH_ROUNDS", "3"))
 RESULTS: dict[tuple[int, float], dict[str, float]] = {}
@@ -51,15 +40,15 @@ MARK_START, MARK_END = f"<!-- expert_latency[{PRESET}]:start -->", f"<!-- expert
 
 @pytest.fixture(scope="module")
 def experts():
-    bb = UNetBackbone(UNetBackboneConfig(preset=PRESET, resolution=RESOLUTION))
+    bb = bench_backbone()
     cond = bb.conditioning()
     dense = bb.build_denoiser()
-    grans = [ResnetChannels(ResnetChannelsConfig()), AttentionHeads(AttentionHeadsConfig()), FFN(FFNConfig())]
+    grans = width_granularities()
     space = build_unit_space(dense, grans, cond)
     models = {}
     for r in RATIOS:
-        arch = uniform_architecture(space, r)
-        models[r] = (cut_model(dense, space, grans, arch).to(DEVICE), float(space.macs_ratio(arch)))
+        model, macs_ratio = width_expert(dense, space, grans, r)
+        models[r] = (model.to(DEVICE), macs_ratio)
     if DEVICE == "cpu":
         torch.set_num_threads(THREADS)
         _interleaved_cpu_times(cond, models)

@@ -25,22 +25,10 @@ import time
 import pytest
 import torch
 from _results import update_section
+from _setup import DEVICE, DTYPE, PRESET, bench_backbone, width_expert, width_granularities
 
-from aptp.backbones.unet import UNetBackbone, UNetBackboneConfig
-from aptp.pruners.gating import build_unit_space, cut_model, uniform_architecture
-from aptp.pruners.granularities import (
-    FFN,
-    AttentionHeads,
-    AttentionHeadsConfig,
-    FFNConfig,
-    ResnetChannels,
-    ResnetChannelsConfig,
-)
+from aptp.pruners.gating import build_unit_space
 
-PRESET = os.environ.get("APTP_BENCH_PRESET", "small")
-RESOLUTION = int(os.environ.get("APTP_BENCH_RESOLUTION", "128" if PRESET == "small" else "0")) or None
-DEVICE = os.environ.get("APTP_BENCH_DEVICE", "cpu")
-DTYPE = getattr(torch, os.environ.get("APTP_BENCH_DTYPE", "float32"))
 STEPS = int(os.environ.get("APTP_BENCH_STEPS", "25"))
 BATCHES = tuple(int(b) for b in os.environ.get("APTP_BENCH_BATCHES", "1,4,16").split(","))
 BUDGET = 0.6
@@ -52,18 +40,14 @@ MARK_START, MARK_END = f"<!-- generation_latency[{PRESET}]:start -->", f"<!-- ge
 
 @pytest.fixture(scope="module")
 def setup():
-    bb = UNetBackbone(UNetBackboneConfig(preset=PRESET, resolution=RESOLUTION))
+    bb = bench_backbone()
     modules = bb.load(DEVICE, DTYPE)
     dense = modules.denoiser.eval()
-    grans = [ResnetChannels(ResnetChannelsConfig()), AttentionHeads(AttentionHeadsConfig()), FFN(FFNConfig())]
+    grans = width_granularities()
     space = build_unit_space(dense, grans, bb.conditioning())
 
-    def cut(r: float):
-        arch = uniform_architecture(space, r)
-        return cut_model(dense, space, grans, arch).eval(), float(space.macs_ratio(arch))
-
-    static, static_ratio = cut(BUDGET)
-    routed = [cut(r) for r in ROUTED]
+    static, static_ratio = width_expert(dense, space, grans, BUDGET)
+    routed = [width_expert(dense, space, grans, r) for r in ROUTED]
     models = {"dense": ([dense], 1.0), "static": ([static], static_ratio),
               "routed": ([m for m, _ in routed], sum(r for _, r in routed) / len(routed))}
     if DEVICE == "cpu":

@@ -23,22 +23,10 @@ import pytest
 import torch
 from _memory import peak_memory, weight_bytes
 from _results import update_section
+from _setup import DEVICE, DTYPE, PRESET, bench_backbone, width_expert, width_granularities
 
-from aptp.backbones.unet import UNetBackbone, UNetBackboneConfig
-from aptp.pruners.gating import build_unit_space, cut_model, uniform_architecture
-from aptp.pruners.granularities import (
-    FFN,
-    AttentionHeads,
-    AttentionHeadsConfig,
-    FFNConfig,
-    ResnetChannels,
-    ResnetChannelsConfig,
-)
+from aptp.pruners.gating import build_unit_space
 
-PRESET = os.environ.get("APTP_BENCH_PRESET", "small")
-RESOLUTION = int(os.environ.get("APTP_BENCH_RESOLUTION", "128" if PRESET == "small" else "0")) or None
-DEVICE = os.environ.get("APTP_BENCH_DEVICE", "cpu")
-DTYPE = getattr(torch, os.environ.get("APTP_BENCH_DTYPE", "float32"))
 BATCHES = (1, 4, 16)
 SINGLE = {"dense": 1.0, "expert 0.8": 0.8, "static 0.6": 0.6, "expert 0.4": 0.4}
 ROUTED = (0.45, 0.55, 0.65, 0.75)  # K = 4 resident experts, mean 0.6
@@ -49,15 +37,15 @@ MARK_START, MARK_END = f"<!-- memory[{PRESET}]:start -->", f"<!-- memory[{PRESET
 
 @pytest.fixture(scope="module")
 def models():
-    bb = UNetBackbone(UNetBackboneConfig(preset=PRESET, resolution=RESOLUTION))
+    bb = bench_backbone()
     cond = bb.conditioning()
     dense = bb.build_denoiser().eval()
-    grans = [ResnetChannels(ResnetChannelsConfig()), AttentionHeads(AttentionHeadsConfig()), FFN(FFNConfig())]
+    grans = width_granularities()
     space = build_unit_space(dense, grans, cond)
 
     def cut(r: float):
-        arch = uniform_architecture(space, r)
-        return cut_model(dense, space, grans, arch).to(DEVICE, DTYPE).eval(), float(space.macs_ratio(arch))
+        model, ratio = width_expert(dense, space, grans, r)
+        return model.to(DEVICE, DTYPE), ratio
 
     out = {name: cut(r) for name, r in SINGLE.items() if r < 1.0}
     out["dense"] = (dense.to(DEVICE, DTYPE), 1.0)

@@ -19,24 +19,14 @@ import os
 import platform
 import sys
 import time
+
 import pytest
 import torch
-
-from aptp.backbones.unet import UNetBackbone, UNetBackboneConfig
-from aptp.pruners.gating import build_unit_space, cut_model, uniform_architecture
-from aptp.pruners.granularities import (
-    FFN,
-    AttentionHeads,
-    AttentionHeadsConfig,
-    FFNConfig,
-    ResnetChannels,
-    ResnetChannelsConfig,
-)
 from _results import update_section
+from _setup import DEVICE, PRESET, bench_backbone, width_expert, width_granularities
 
-PRESET = os.environ.get("APTP_BENCH_PRESET", "small")
-RESOLUTION = int(os.environ.get("APTP_BENCH_RESOLUTION", "128" if PRESET == "small" else "0")) or None
-DEVICE = os.environ.get("APTP_BENCH_DEVICE", "cpu")
+from aptp.pruners.gating import build_unit_space
+
 BUDGET = 0.6
 EXPERT_RATIOS = (0.45, 0.55, 0.65, 0.75)  # K = 4, mean 0.6
 BATCHES = (4, 16)
@@ -47,20 +37,16 @@ MARK_START, MARK_END = f"<!-- routed_latency[{PRESET}]:start -->", f"<!-- routed
 
 @pytest.fixture(scope="module")
 def models():
-    bb = UNetBackbone(UNetBackboneConfig(preset=PRESET, resolution=RESOLUTION))
+    bb = bench_backbone()
     cond = bb.conditioning()
     dense = bb.build_denoiser().eval()
-    grans = [ResnetChannels(ResnetChannelsConfig()), AttentionHeads(AttentionHeadsConfig()), FFN(FFNConfig())]
+    grans = width_granularities()
     space = build_unit_space(dense, grans, cond)
-    experts, ratios = [], []
-    for r in EXPERT_RATIOS:
-        arch = uniform_architecture(space, r)
-        experts.append(cut_model(dense, space, grans, arch).eval().to(DEVICE))
-        ratios.append(float(space.macs_ratio(arch)))
-    static_arch = uniform_architecture(space, BUDGET)
-    static = cut_model(dense, space, grans, static_arch).eval().to(DEVICE)
-    out = {"cond": cond, "dense": dense.to(DEVICE), "experts": experts, "static": static,
-           "expert_ratios": ratios, "static_ratio": float(space.macs_ratio(static_arch)), "space": space}
+    cut = [width_expert(dense, space, grans, r) for r in EXPERT_RATIOS]
+    experts, ratios = [m.to(DEVICE) for m, _ in cut], [r for _, r in cut]
+    static, static_ratio = width_expert(dense, space, grans, BUDGET)
+    out = {"cond": cond, "dense": dense.to(DEVICE), "experts": experts, "static": static.to(DEVICE),
+           "expert_ratios": ratios, "static_ratio": static_ratio, "space": space}
     if DEVICE == "cpu":
         torch.set_num_threads(1)
         for b in BATCHES:
