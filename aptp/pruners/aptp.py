@@ -14,7 +14,7 @@ Phase 1 (model weights frozen) trains the router's architecture predictor and it
 During the first ``warmup_steps`` the predictor's own soft gates drive the model (no codes, no
 OT). With a router that learns no codes (``kmeans``, ``nearest``, ``single``), that router assigns the prompts
 instead of optimal transport and phase 1 learns one code per expert (an ablation of the learned
-routing; :meth:`AptpPruner.run_fixed_routing`). Phase 2 cuts each expert from the dense weights by its code and fine-tunes it on the prompts
+routing; :meth:`AptpPruner.run`). Phase 2 cuts each expert from the dense weights by its code and fine-tunes it on the prompts
 routed to it, with the dense model as teacher.
 
 Distributed (``accelerate launch`` / ``torchrun``): every process draws the *global* batch's
@@ -116,34 +116,26 @@ class AptpPruner(Pruner):
     config_class = AptpPrunerConfig
 
     def run(self, composition, output_dir: Path) -> dict[str, Any]:
+        """Phase 1 and phase 2, then the router bundle. With a router that learns no codes
+        (``kmeans``, ``nearest``, ``single``), that router is fitted to the training prompts and
+        assigns them to experts, and phase 1 trains codes of its own (the ablation "routing without
+        learned codes": APTP's objective, no balancing); the bundle routes with that router."""
         output_dir = Path(output_dir)
         router = composition.require("router")  # fail before loading any model
-        if not learns_codes(router):
-            return self.run_fixed_routing(composition, router, output_dir)
-        composition.require("balancer")
+        fixed = not learns_codes(router)
+        if not fixed:
+            composition.require("balancer")
         ctx = TrainContext(composition, self.config.data, output_dir, progress=self.config.progress,
                            min_snr_gamma=self.config.min_snr_gamma)
-        bind_seeded(router, ctx)
-        phase1 = self.phase1(ctx, router)
-        phase2 = self.phase2(ctx, router)
-        ctx.save_bundle(router, router.architectures())
-        return {**phase1, **phase2, "output_dir": str(output_dir)}
+        ids = None
+        if fixed:
+            from aptp.routers.ot import OTRouter, OTRouterConfig
 
-    def run_fixed_routing(self, composition, router, output_dir: Path) -> dict[str, Any]:
-        """Ablation "routing without learned codes": ``router`` (e.g. ``kmeans``) is fitted to the
-        training prompts' embeddings and assigns every prompt to an expert; phase 1 learns one
-        architecture code per expert with APTP's objective (its own codes and predictor, no
-        balancing), phase 2 fine-tunes as usual; the bundle routes with ``router``."""
-        from aptp.routers.ot import OTRouter, OTRouterConfig
-
-        ctx = TrainContext(composition, self.config.data, output_dir, progress=self.config.progress,
-                           min_snr_gamma=self.config.min_snr_gamma)
-        embeddings = ctx.all_embeddings()  # (N, D)
-        router.fit(embeddings)
-        router.eval()
-        with torch.no_grad():
-            ids = router.route(embeddings).expert_ids  # (N,) fixed for the whole run
-        codes = bind_seeded(OTRouter(OTRouterConfig(num_experts=router.num_experts)), ctx)
+            embeddings = ctx.all_embeddings()  # (N, D)
+            router.fit(embeddings)
+            with torch.no_grad():
+                ids = router.eval().route(embeddings).expert_ids  # (N,) fixed for the whole run
+        codes = bind_seeded(OTRouter(OTRouterConfig(num_experts=router.num_experts)) if fixed else router, ctx)
         phase1 = self.phase1(ctx, codes, fixed_ids=ids)
         phase2 = self.phase2(ctx, codes, fixed_ids=ids)
         ctx.save_bundle(router, codes.architectures())
@@ -283,7 +275,7 @@ def bind_seeded(router, ctx: TrainContext):
 
 def learns_codes(router) -> bool:
     """Whether ``router`` has APTP's predictor and architecture codes (``ot``); other routers
-    (``kmeans``, ``nearest``, ``single``) only assign prompts (:meth:`AptpPruner.run_fixed_routing`)."""
+    (``kmeans``, ``nearest``, ``single``) only assign prompts (see :meth:`AptpPruner.run`)."""
     return hasattr(router, "bind") and hasattr(router, "code_gates")
 
 

@@ -90,10 +90,9 @@ def cut_with_torch_pruning(denoiser: nn.Module, space: UnitSpace, granularities:
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     graph = dependency_graph(model, example_inputs, forward_fn)
     for grp, drop in cuts:
-        idxs = channel_index(drop, kinds[grp.kind].unit_channels(model, grp).channels_per_unit).tolist()
-        group = unit_group_dependencies(graph, kinds[grp.kind], model, grp, idxs)
+        group = unit_group_dependencies(graph, kinds[grp.kind], model, grp, units=drop)
         if not graph.check_pruning_group(group):
-            raise IncompatibleError(f"torch-pruning refuses to cut {grp.path!r} ({len(idxs)} channels); "
+            raise IncompatibleError(f"torch-pruning refuses to cut {int(drop.sum())} units of {grp.path!r}; "
                                     "it would empty a coupled layer.")
         group.prune()
     for n, p in model.named_parameters():  # pruned layers hold new Parameter objects
@@ -138,14 +137,14 @@ def dependency_graph(model: nn.Module, example_inputs: Any, forward_fn: ForwardF
 
 
 def unit_group_dependencies(graph, granularity: Granularity, model: nn.Module, group: UnitGroup,
-                            idxs: Sequence[int] | None = None):
-    """torch-pruning's pruning group of input channels ``idxs`` (default: all) of ``group``'s consumer
-    layer (:meth:`Granularity.unit_channels`): every slice coupled to them."""
-    layer, _ = granularity.unit_channels(model, group)
+                            units: torch.Tensor | None = None):
+    """torch-pruning's pruning group of the channels of ``units`` ((n,) bool; default: every unit)
+    of ``group``: the consumer layer's input channels (:meth:`Granularity.unit_channels`) and every
+    slice coupled to them."""
+    layer, s = granularity.unit_channels(model, group)
+    units = torch.ones(group.num_units, dtype=torch.bool) if units is None else units
     pruner = graph.get_pruner_of_module(layer)
-    if idxs is None:
-        idxs = range(pruner.get_in_channels(layer))
-    return graph.get_pruning_group(layer, pruner.prune_in_channels, idxs=list(idxs))
+    return graph.get_pruning_group(layer, pruner.prune_in_channels, idxs=channel_index(units, s).tolist())
 
 
 def _is_attention(module: nn.Module) -> bool:

@@ -63,13 +63,14 @@ class NearestRouter(Router):
         """Store ``embeddings`` (N, D) with their expert ``labels`` (N,) ints in [0, K)."""
         z = check_embeddings(embeddings)
         if labels is None and self.config.unlabelled == "kmeans":  # 1-NN over k-means-labelled prompts
-            from sklearn.cluster import KMeans
+            from aptp.routers.kmeans import KMeansRouter, KMeansRouterConfig
 
             if z.shape[0] < self.num_experts:
                 raise ConfigError(f"need at least num_experts={self.num_experts} prompts to label the bank, "
                                   f"got {z.shape[0]}.")
-            km = KMeans(n_clusters=self.num_experts, n_init=4, random_state=self.config.seed)
-            labels = km.fit_predict(F.normalize(z, dim=-1).double().cpu().numpy())
+            clusters = KMeansRouter(KMeansRouterConfig(num_experts=self.num_experts, seed=self.config.seed))
+            clusters.fit(z)
+            labels = clusters.route(z).expert_ids  # (N,)
         if labels is None:
             raise ConfigError("the 'nearest' router needs labels: fit(embeddings, labels=expert_id_per_prompt), "
                               "or unlabelled: kmeans.")
