@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from aptp.core.interfaces import Metric
 from aptp.metrics._common import MissingWeightsError, batches, resize, resize_shortest_center_crop
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -157,3 +158,27 @@ def text_embeddings(clip: LoadedClip, prompts: Sequence[str], batch_size: int) -
                                                  attention_mask=tok["attention_mask"].to(clip.device))).float()
         out.append(torch.nn.functional.normalize(e, dim=-1).cpu())
     return torch.cat(out)
+
+
+class ClipMetric(Metric):
+    """A metric on CLIP embeddings: loads the CLIP model of ``config.model`` (and, with
+    ``uses_text``, the tokenizer of ``config.tokenizer``) on first use, never when built."""
+
+    uses_text: ClassVar[bool] = False
+    requires_weights: ClassVar[bool] = True
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._clip: LoadedClip | None = None
+
+    def can_probe(self) -> bool:
+        """Never: the contract probe must not load user-provided (and large) weights."""
+        return False
+
+    def load(self) -> LoadedClip:
+        """The CLIP model (and tokenizer), loaded once."""
+        if self._clip is None:
+            c = self.config
+            self._clip = load_clip(c.model, c.tokenizer if self.uses_text else None, c.device,
+                                   with_tokenizer=self.uses_text, metric=self.name, hub_id=type(c).model)
+        return self._clip

@@ -21,7 +21,6 @@ from typing import ClassVar, Optional
 
 import torch
 
-from aptp.core.interfaces import Metric
 from aptp.metrics import _clip
 from aptp.metrics._common import check_images, check_prompts
 
@@ -47,29 +46,13 @@ class ClipScoreConfig:
             raise ValueError(f"clip_score: clamp must be one of {CLAMPS}, got {self.clamp!r}.")
 
 
-class ClipScore(Metric):
+class ClipScore(_clip.ClipMetric):
     """CLIP score: 100 x cosine(image, prompt) with a CLIP model, averaged over images."""
 
     config_class = ClipScoreConfig
     name: ClassVar[str] = "clip_score"
     higher_is_better: ClassVar[bool] = True
-    requires_weights: ClassVar[bool] = True
-
-    def __init__(self, config: ClipScoreConfig | None = None) -> None:
-        super().__init__(config)
-        self._clip: _clip.LoadedClip | None = None
-
-    def can_probe(self) -> bool:
-        """Never: the contract probe must not load user-provided (and large) weights."""
-        return False
-
-    def load(self) -> _clip.LoadedClip:
-        """Load the CLIP model and tokenizer (once)."""
-        if self._clip is None:
-            c = self.config
-            self._clip = _clip.load_clip(c.model, c.tokenizer, c.device, with_tokenizer=True, metric="clip_score",
-                                         hub_id=ClipScoreConfig.model)
-        return self._clip
+    uses_text: ClassVar[bool] = True
 
     def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Per-image 100 * cos(image, prompt), (N,) float32, not clamped."""

@@ -21,7 +21,6 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from aptp.core.interfaces import Metric
 from aptp.metrics import _clip
 from aptp.metrics._common import check_images
 from aptp.metrics.mmd import SCALE, SIGMA, mmd
@@ -49,29 +48,12 @@ class CmmdConfig:
             raise ValueError(f"cmmd: batch_size must be >= 1, got {self.batch_size}.")
 
 
-class Cmmd(Metric):
+class Cmmd(_clip.ClipMetric):
     """CMMD: RBF-kernel MMD (sigma 10, x1000) between CLIP embeddings of generated and reference images."""
 
     config_class = CmmdConfig
     name: ClassVar[str] = "cmmd"
     higher_is_better: ClassVar[bool] = False
-    requires_weights: ClassVar[bool] = True
-
-    def __init__(self, config: CmmdConfig | None = None) -> None:
-        super().__init__(config)
-        self._clip: _clip.LoadedClip | None = None
-
-    def can_probe(self) -> bool:
-        """Never: the contract probe must not load user-provided (and large) weights."""
-        return False
-
-    def load(self) -> _clip.LoadedClip:
-        """Load the CLIP model (once)."""
-        if self._clip is None:
-            c = self.config
-            self._clip = _clip.load_clip(c.model, None, c.device, with_tokenizer=False, metric="cmmd",
-                                         hub_id=CmmdConfig.model)
-        return self._clip
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised CLIP image embeddings (N, P), float32 on CPU."""
