@@ -25,9 +25,8 @@ import time
 import pytest
 import torch
 from _results import update_section
-from _setup import DEVICE, PRESET, bench_backbone, width_expert, width_granularities
+from _setup import DEVICE, PRESET, WidthExperts, bench_backbone
 
-from aptp.pruners.gating import build_unit_space
 
 RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 BATCHES = tuple(int(b) for b in os.environ.get("APTP_BENCH_BATCHES", "1,8").split(","))
@@ -42,12 +41,11 @@ MARK_START, MARK_END = f"<!-- expert_latency[{PRESET}]:start -->", f"<!-- expert
 def experts():
     bb = bench_backbone()
     cond = bb.conditioning()
-    dense = bb.build_denoiser()
-    grans = width_granularities()
-    space = build_unit_space(dense, grans, cond)
+    width = WidthExperts(bb.build_denoiser(), cond)
+    space = width.space
     models = {}
     for r in RATIOS:
-        model, macs_ratio = width_expert(dense, space, grans, r)
+        model, macs_ratio = width.cut(r)
         models[r] = (model.to(DEVICE), macs_ratio)
     if DEVICE == "cpu":
         torch.set_num_threads(THREADS)

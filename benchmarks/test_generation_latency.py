@@ -25,14 +25,12 @@ import time
 import pytest
 import torch
 from _results import update_section
-from _setup import DEVICE, DTYPE, PRESET, bench_backbone, width_expert, width_granularities
+from _setup import BUDGET, DEVICE, DTYPE, PRESET, ROUTED_RATIOS, WidthExperts, bench_backbone
 
-from aptp.pruners.gating import build_unit_space
 
 STEPS = int(os.environ.get("APTP_BENCH_STEPS", "25"))
 BATCHES = tuple(int(b) for b in os.environ.get("APTP_BENCH_BATCHES", "1,4,16").split(","))
-BUDGET = 0.6
-ROUTED = (0.45, 0.55, 0.65, 0.75)  # K = 4, mean 0.6
+ROUTED = ROUTED_RATIOS
 ROUNDS = 2
 CPU: dict[tuple[str, int], float] = {}
 MARK_START, MARK_END = f"<!-- generation_latency[{PRESET}]:start -->", f"<!-- generation_latency[{PRESET}]:end -->"
@@ -43,11 +41,9 @@ def setup():
     bb = bench_backbone()
     modules = bb.load(DEVICE, DTYPE)
     dense = modules.denoiser.eval()
-    grans = width_granularities()
-    space = build_unit_space(dense, grans, bb.conditioning())
-
-    static, static_ratio = width_expert(dense, space, grans, BUDGET)
-    routed = [width_expert(dense, space, grans, r) for r in ROUTED]
+    width = WidthExperts(dense, bb.conditioning())
+    static, static_ratio = width.cut(BUDGET)
+    routed = [width.cut(r) for r in ROUTED]
     models = {"dense": ([dense], 1.0), "static": ([static], static_ratio),
               "routed": ([m for m, _ in routed], sum(r for _, r in routed) / len(routed))}
     if DEVICE == "cpu":

@@ -23,13 +23,12 @@ import pytest
 import torch
 from _memory import peak_memory, weight_bytes
 from _results import update_section
-from _setup import DEVICE, DTYPE, PRESET, bench_backbone, width_expert, width_granularities
+from _setup import DEVICE, DTYPE, PRESET, ROUTED_RATIOS, WidthExperts, bench_backbone
 
-from aptp.pruners.gating import build_unit_space
 
 BATCHES = (1, 4, 16)
 SINGLE = {"dense": 1.0, "expert 0.8": 0.8, "static 0.6": 0.6, "expert 0.4": 0.4}
-ROUTED = (0.45, 0.55, 0.65, 0.75)  # K = 4 resident experts, mean 0.6
+ROUTED = ROUTED_RATIOS  # all resident
 ROWS: dict[tuple[str, int], dict[str, float]] = {}
 MIB = 2**20
 MARK_START, MARK_END = f"<!-- memory[{PRESET}]:start -->", f"<!-- memory[{PRESET}]:end -->"
@@ -40,11 +39,10 @@ def models():
     bb = bench_backbone()
     cond = bb.conditioning()
     dense = bb.build_denoiser().eval()
-    grans = width_granularities()
-    space = build_unit_space(dense, grans, cond)
+    width = WidthExperts(dense, cond)
 
     def cut(r: float):
-        model, ratio = width_expert(dense, space, grans, r)
+        model, ratio = width.cut(r)
         return model.to(DEVICE, DTYPE), ratio
 
     out = {name: cut(r) for name, r in SINGLE.items() if r < 1.0}

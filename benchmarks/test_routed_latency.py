@@ -23,12 +23,10 @@ import time
 import pytest
 import torch
 from _results import update_section
-from _setup import DEVICE, PRESET, bench_backbone, width_expert, width_granularities
+from _setup import BUDGET, DEVICE, PRESET, ROUTED_RATIOS, WidthExperts, bench_backbone
 
-from aptp.pruners.gating import build_unit_space
 
-BUDGET = 0.6
-EXPERT_RATIOS = (0.45, 0.55, 0.65, 0.75)  # K = 4, mean 0.6
+EXPERT_RATIOS = ROUTED_RATIOS
 BATCHES = (4, 16)
 ROUNDS = 3
 CPU: dict[tuple[str, int], float] = {}
@@ -40,13 +38,12 @@ def models():
     bb = bench_backbone()
     cond = bb.conditioning()
     dense = bb.build_denoiser().eval()
-    grans = width_granularities()
-    space = build_unit_space(dense, grans, cond)
-    cut = [width_expert(dense, space, grans, r) for r in EXPERT_RATIOS]
+    width = WidthExperts(dense, cond)
+    cut = [width.cut(r) for r in EXPERT_RATIOS]
     experts, ratios = [m.to(DEVICE) for m, _ in cut], [r for _, r in cut]
-    static, static_ratio = width_expert(dense, space, grans, BUDGET)
+    static, static_ratio = width.cut(BUDGET)
     out = {"cond": cond, "dense": dense.to(DEVICE), "experts": experts, "static": static.to(DEVICE),
-           "expert_ratios": ratios, "static_ratio": static_ratio, "space": space}
+           "expert_ratios": ratios, "static_ratio": static_ratio, "space": width.space}
     if DEVICE == "cpu":
         torch.set_num_threads(1)
         for b in BATCHES:
