@@ -37,6 +37,14 @@ class IncompatibleError(AptpError, ValueError):
     """Two saved artefacts do not belong together (e.g. a router saved for another unit space)."""
 
 
+class RunLockedError(AptpError):
+    """Another process holds a run folder's lock."""
+
+
+class CheckpointError(AptpError):
+    """A checkpoint folder is incomplete or damaged."""
+
+
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     """A ' Did you mean 'x'?' suffix when a close match exists, else ''."""
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
