@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,7 +85,20 @@ def list_presets(kind_dir: str, search_path: Sequence[Path]) -> list[str]:
     return sorted(names)
 
 
+def check_name(value: Any, what: str) -> str:
+    """``value`` if it is a plain name (a run, a comparison cell, a preset), else a ConfigError: a
+    name becomes one path component, so a separator or ``..`` would let it escape its folder."""
+    name = str(value)
+    if not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        raise ConfigError(
+            f"{what} {name!r} is not a name: use letters, digits, '-', '_' or '.', without a path separator "
+            "or '..' (it becomes a single folder or file name)."
+        )
+    return name
+
+
 def find_preset(kind_dir: str, preset: str, search_path: Sequence[Path]) -> Path:
+    check_name(preset, f"{kind_dir} preset")
     for root in search_path:
         path = root / kind_dir / f"{preset}.yaml"
         if path.is_file():
@@ -225,12 +239,34 @@ def validate(cfg: DictConfig, registry: Registry, source: str = "<config>") -> D
             out[slot] = [_validate_component(registry, kind, it, f"{slot}[{i}]", source) for i, it in enumerate(items)]
         else:
             out[slot] = _validate_component(registry, kind, node, slot, source)
+    _refuse_env_interpolation(out, "", source)
     resolved = OmegaConf.create(out)
     try:
         OmegaConf.resolve(resolved)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{source}: cannot resolve interpolations: {exc}") from None
+    check_name(resolved.name, f"{source}: experiment name")
     return resolved
+
+
+_ENV_INTERPOLATION = re.compile(r"\$\{\s*(oc\.env|env)\s*:")
+
+
+def _refuse_env_interpolation(node: Any, where: str, source: str) -> None:
+    """A ConfigError for any ``${oc.env:...}``: a resolved config is saved with every run
+    (``config.yaml``), which would copy the environment variable's value into it."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _refuse_env_interpolation(value, f"{where}.{key}" if where else str(key), source)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            _refuse_env_interpolation(value, f"{where}.{i}", source)
+    elif isinstance(node, str) and _ENV_INTERPOLATION.search(node):
+        raise ConfigError(
+            f"{source}: {where}={node!r} reads an environment variable; aptp does not interpolate the "
+            "environment into configs (the resolved config is saved with the run). Write the value itself, "
+            "e.g. as a command-line override."
+        )
 
 
 def _validate_component(registry: Registry, kind: str, node: Any, where: str, source: str) -> dict[str, Any]:
