@@ -393,3 +393,8 @@ class Metric(Component, abc.ABC):
     def compute(self, images: torch.Tensor, prompts: Sequence[str],
                 reference: torch.Tensor | None = None) -> float:
         """One number for the whole set."""
+
+    def per_sample(self, images: torch.Tensor, prompts: Sequence[str]) -> list[float] | None:
+        """One value per image whose mean is the set's value (e.g. accuracy), for paired intervals
+        over prompts; None (the default) for set-level metrics such as FID or MMD."""
+        return None

@@ -27,7 +27,7 @@ caption and scene, whatever else was sampled before.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Sequence
 
@@ -42,6 +42,11 @@ __all__ = [
     "POSITION_PHRASES",
     "RELATIONS",
     "GLYPHS",
+    "TEXT_GLYPHS",
+    "CONFUSABLE_GLYPHS",
+    "GRADED_KINDS",
+    "KINDS",
+    "EVERY_KIND_MIX",
     "WorldObject",
     "Relation",
     "Scene",
@@ -92,11 +97,29 @@ RELATIONS: dict[str, str] = {
     "above": "above",
     "below": "below",
 }
-#: Letters used for the text-rendering prompts (no "O": it would read as a circle).
-GLYPHS: tuple[str, ...] = ("A", "B", "E", "H", "K", "T", "X")
+#: Letters of the original `text` kind (no "O": it would read as a circle).
+TEXT_GLYPHS: tuple[str, ...] = ("A", "B", "E", "H", "K", "T", "X")
+#: Letters of the capacity-graded `glyph` kind: 12 capitals that differ by one or two strokes
+#: (E/F/L, P/R/B, H/N, K/X/Y, T/L), drawn large enough that those strokes are resolved at 32 px.
+CONFUSABLE_GLYPHS: tuple[str, ...] = ("B", "E", "F", "H", "K", "L", "N", "P", "R", "T", "X", "Y")
+#: Every letter the world draws (the evaluator's glyph classes).
+GLYPHS: tuple[str, ...] = tuple(sorted(set(TEXT_GLYPHS) | set(CONFUSABLE_GLYPHS)))
+#: Radius (fraction of the side) of a `glyph`-kind letter: strokes of about 2 px at 32 px.
+GLYPH_RADIUS = 0.3
 #: The shape name of an object that is a rendered letter.
 LETTER = "letter"
 BACKGROUND = (0, 0, 0)
+
+#: The capacity-graded kinds and their difficulty (larger = harder): what the default mix draws.
+#: `plain` "a red circle" (one large shape in the center: colour and shape), `placed` "a small red
+#: circle on the left" (size and slot too: finer spatial control), `glyph` 'the letter "E" in red'
+#: (one of 12 confusable capitals, large: strokes must be drawn right, which needs capacity).
+GRADED_KINDS: dict[str, int] = {"plain": 1, "placed": 2, "glyph": 3}
+#: Every scene kind and the number of objects it needs.
+KINDS: dict[str, int] = {"plain": 1, "placed": 1, "glyph": 1,
+                         "single": 1, "pair_position": 2, "pair_relation": 2, "triple": 3, "text": 1}
+#: A mix with every kind in equal shares (evaluator training and validation, tests).
+EVERY_KIND_MIX: tuple[tuple[str, float], ...] = tuple((k, 1.0) for k in KINDS)
 
 # Pairs of slots for which a relation reads unambiguously (same row or same column).
 _RELATION_PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -167,7 +190,10 @@ class Scene:
 
     @property
     def difficulty(self) -> int:
-        """objects + relations + 2 x letters (1 for "a red circle", 4 for a related pair + one)."""
+        """The graded kinds' grade (`GRADED_KINDS`: plain 1, placed 2, glyph 3); for the other kinds
+        objects + relations + 2 x letters (1 for "a red circle", 4 for a related pair + one)."""
+        if self.kind in GRADED_KINDS:
+            return GRADED_KINDS[self.kind]
         n_letters = sum(o.shape == LETTER for o in self.objects)
         return len(self.objects) + len(self.relations) + 2 * n_letters
 
@@ -193,12 +219,15 @@ class WorldConfig:
     Attributes:
         image_size: side of the square RGB images, in pixels (>= 16).
         supersample: render at `image_size * supersample`, then box-downsample (antialiasing).
-        colours / shapes / glyphs: the vocabulary used (subsets of `COLOURS`, `SHAPES`, `GLYPHS`).
+        colours / shapes / glyphs: the vocabulary used (subsets of `COLOURS`, `SHAPES`, `GLYPHS`);
+            `glyphs` are the `text` kind's letters, `graded_glyphs` the `glyph` kind's.
         max_objects: 1, 2 or 3; kinds needing more objects are dropped from the mix.
         allow_text: whether letter prompts ('the letter "A" in red') are drawn.
-        mix: relative weight of each scene kind: `single` (one shape), `pair_position` (two shapes,
-            absolute slots), `pair_relation` (two shapes and a relation), `triple` (a related
-            pair plus a third shape at a stated slot), `text` (a letter, sometimes with a slot).
+        mix: relative weight of each scene kind. The default: the capacity-graded kinds
+            (`GRADED_KINDS`: `plain`, `placed`, `glyph`) in equal shares. Also available: `single`
+            (one shape, some attributes unstated), `pair_position` (two shapes, absolute slots),
+            `pair_relation` (two shapes and a relation), `triple` (a related pair plus a third
+            shape at a stated slot), `text` (a small letter, sometimes with a slot).
         partial_prob: chance that a single object's caption leaves out its size and/or slot.
         jitter: maximal offset of an object's centre from its slot centre, fraction of the side.
         colour_jitter: maximal per-channel offset added to an object's RGB colour.
@@ -208,16 +237,11 @@ class WorldConfig:
     supersample: int = 4
     colours: tuple[str, ...] = tuple(COLOURS)
     shapes: tuple[str, ...] = SHAPES
-    glyphs: tuple[str, ...] = GLYPHS
+    glyphs: tuple[str, ...] = TEXT_GLYPHS
+    graded_glyphs: tuple[str, ...] = CONFUSABLE_GLYPHS
     max_objects: int = 3
     allow_text: bool = True
-    mix: tuple[tuple[str, float], ...] = (
-        ("single", 0.6),
-        ("pair_position", 0.1),
-        ("pair_relation", 0.12),
-        ("triple", 0.08),
-        ("text", 0.1),
-    )
+    mix: tuple[tuple[str, float], ...] = (("plain", 1.0), ("placed", 1.0), ("glyph", 1.0))
     partial_prob: float = 0.25
     jitter: float = 0.04
     colour_jitter: int = 12
@@ -231,16 +255,18 @@ class WorldConfig:
             ("colours", self.colours, COLOURS),
             ("shapes", self.shapes, SHAPES),
             ("glyphs", self.glyphs, GLYPHS),
+            ("graded_glyphs", self.graded_glyphs, GLYPHS),
         ):
             unknown = [v for v in allowed if v not in vocab]
             if unknown or not allowed:
                 raise ValueError(f"{name}={allowed!r}: unknown {unknown!r} or empty; choose from {tuple(vocab)!r}.")
         if not 1 <= self.max_objects <= 3:
             raise ValueError(f"max_objects={self.max_objects} must be 1, 2 or 3.")
-        known_kinds = {"single", "pair_position", "pair_relation", "triple", "text"}
-        bad = [k for k, _ in self.mix if k not in known_kinds]
+        bad = [k for k, _ in self.mix if k not in KINDS]
         if bad:
-            raise ValueError(f"mix has unknown kinds {bad!r}; known: {sorted(known_kinds)}.")
+            raise ValueError(f"mix has unknown kinds {bad!r}; known: {sorted(KINDS)}.")
+        if any(not w >= 0 for _, w in self.mix):  # also refuses NaN
+            raise ValueError(f"mix={self.mix!r}: weights must be >= 0.")
         if not any(w > 0 for k, w in self.kind_weights()):
             raise ValueError(f"mix={self.mix!r} leaves no kind with positive weight under max_objects/allow_text.")
         if len(self.colours) < 2 or len(self.shapes) < 2:
@@ -248,11 +274,10 @@ class WorldConfig:
 
     def kind_weights(self) -> list[tuple[str, float]]:
         """The mix after dropping kinds that `max_objects` / `allow_text` forbid."""
-        needs = {"single": 1, "pair_position": 2, "pair_relation": 2, "triple": 3, "text": 1}
         return [
             (k, float(w))
             for k, w in self.mix
-            if needs[k] <= self.max_objects and (k != "text" or self.allow_text) and w > 0
+            if KINDS[k] <= self.max_objects and (k not in ("text", "glyph") or self.allow_text) and w > 0
         ]
 
 
@@ -349,6 +374,15 @@ class World:
         if kind is None:
             kinds, weights = zip(*c.kind_weights())
             kind = rng.choices(kinds, weights=weights)[0]
+        if kind == "plain":  # one large shape in the center; the caption states colour and shape
+            obj = self._object(rng, "center", size="large", size_stated=False, position_stated=False)
+            return Scene((obj,), (), kind)
+        if kind == "placed":  # one shape; the caption states size and slot too
+            return Scene((self._object(rng, rng.choice(POSITIONS)),), (), kind)
+        if kind == "glyph":  # one of the confusable capitals, large, in the center
+            obj = self._object(rng, "center", shape=LETTER, position_stated=False)
+            obj = replace(obj, glyph=rng.choice(c.graded_glyphs), radius=GLYPH_RADIUS * rng.uniform(0.96, 1.04))
+            return Scene((obj,), (), kind)
         if kind == "single":
             size_stated, pos_stated = True, True
             if rng.random() < c.partial_prob:  # leave out the size, the slot, or both
@@ -378,7 +412,7 @@ class World:
                 free = [p for p in POSITIONS if p not in (p0, p1)]
                 objs.append(self._object(rng, rng.choice(free), shape=attrs[2][0], colour=attrs[2][1]))
             return Scene(tuple(objs), (Relation(0, rel, 1),), kind)
-        raise ValueError(f"unknown scene kind {kind!r}; known: single, pair_position, pair_relation, triple, text.")
+        raise ValueError(f"unknown scene kind {kind!r}; known: {', '.join(KINDS)}.")
 
     # -- rendering -----------------------------------------------------------------------------
     def render(self, scene: Scene, rng: random.Random | None = None) -> Image.Image:

@@ -71,7 +71,9 @@ def _with_position(part: str, caption: str) -> tuple[str, str | None]:
 def parse_world_caption(caption: str) -> Any:
     """The :class:`~aptp.data.world.Scene` a world caption states (what the evaluator checks):
     shapes, colours, stated sizes and slots, letters, the relation. Unstated slots are filled with
-    free ones (they are never checked). Raises ValueError on a caption outside the world grammar."""
+    free ones (they are never checked). A one-object caption gets the kind of the default graded world
+    that reads so (``plain``, ``placed``, ``glyph``; else ``single`` / ``text``). Raises ValueError on a
+    caption outside the world grammar."""
     from aptp.data.world import LETTER, POSITION_CENTRES, POSITIONS, Relation, Scene
 
     g = _grammar()
@@ -99,8 +101,13 @@ def parse_world_caption(caption: str) -> Any:
     if relation is not None:
         kind = "pair_relation" if len(objects) == 2 else "triple"
         return Scene(tuple(objects), (Relation(0, relation, 1),), kind)
-    if len(objects) == 1:
-        return Scene(tuple(objects), (), "text" if objects[0].shape == LETTER else "single")
+    if len(objects) == 1:  # one object: the default (graded) world's kind where the caption fits one
+        o = objects[0]
+        if o.shape == LETTER:
+            kind = "text" if o.position_stated else "glyph"
+        else:
+            kind = {(False, False): "plain", (True, True): "placed"}.get((o.size_stated, o.position_stated), "single")
+        return Scene(tuple(objects), (), kind)
     return Scene(tuple(objects), (), "pair_position")
 
 
@@ -146,6 +153,11 @@ class WorldAccuracy(_world.EvaluatorMetric):
         from aptp.world.evaluator import attribute_accuracy
 
         return attribute_accuracy(self.results(images, prompts))
+
+    def per_sample(self, images: torch.Tensor, prompts: Sequence[str]) -> list[float]:
+        """1.0 / 0.0 per image: ``attribute`` right or not (NaN where the prompt does not state it)."""
+        key = self.config.attribute
+        return [math.nan if r[key] is None else float(r[key]) for r in self.results(images, prompts)]
 
     def compute(self, images: torch.Tensor, prompts: Sequence[str], reference: torch.Tensor | None = None) -> float:
         """Accuracy of ``attribute`` (NaN when no prompt states it); ``reference`` is not used."""

@@ -2,13 +2,14 @@
 
     python -m aptp.world.evaluate_base [--base aptp/assets/world/base] [--n 64] [--steps 25]
 
-Prompts are drawn from a held-out world seed (the training run uses `--data-seed 1000`), one set of
-fully stated single-object prompts ("a large red circle at the top") and one set of mixed,
-harder prompts (pairs, relations, triples, letters). For each set and each guidance value it
-reports the evaluator's attribute accuracy of the generated images against the captions' ground
-truth, and the Fréchet distance / RBF MMD between the evaluator features of the generated images
-and of real renders of the same prompts. The first single-object set at the first guidance value
-is saved as `grid.png` (8 per row) with its captions in `grid_captions.txt`.
+Prompts are drawn from a held-out world seed (the training run uses `--data-seed 1000`): one set
+per capacity-graded kind of the default world (`plain` "a red circle", `placed` "a small red circle
+on the left", `glyph` 'the letter "E" in red') and, with `--multi`, one set of the older
+multi-object kinds (pairs, relations, triples). For each set and each guidance value it reports the
+evaluator's attribute accuracy of the generated images against the captions' ground truth, and the
+Fréchet distance / RBF MMD between the evaluator features of the generated images and of real
+renders of the same prompts. The first 8 images of each set at the first guidance value are saved
+as `grid.png` (one row per set) with their captions in `grid_captions.txt`.
 """
 
 from __future__ import annotations
@@ -22,27 +23,31 @@ from pathlib import Path
 
 import torch
 
-from aptp.data.world import World, WorldConfig, image_grid
+from aptp.data.world import GRADED_KINDS, World, WorldConfig, image_grid
 from aptp.world.evaluator import attribute_accuracy, frechet_distance, load_evaluator, mmd, score_images
 from aptp.world.model import DEFAULT_BASE_DIR, load_base, sample_images, to_pil
 
 EVAL_SEED = 424_242
 
 
-def prompt_sets(n: int, seed: int = EVAL_SEED) -> dict[str, list]:
-    """Held-out samples: `single` (fully stated single objects) and `hard` (every other kind)."""
-    single = World(WorldConfig(partial_prob=0.0)).sample(n, seed=seed, kind="single")
-    hard_world = World(WorldConfig(mix=(("pair_position", 1.0), ("pair_relation", 1.0), ("triple", 1.0), ("text", 1.0))))
-    return {"single": single, "hard": hard_world.sample(n, seed=seed + 1)}
+def prompt_sets(n: int, seed: int = EVAL_SEED, multi: bool = False) -> dict[str, list]:
+    """Held-out samples: one set per graded kind (and `multi`: pairs, relations and triples)."""
+    world = World()
+    sets = {kind: world.sample(n, seed=seed + j, kind=kind) for j, kind in enumerate(GRADED_KINDS)}
+    if multi:
+        multi_world = World(WorldConfig(mix=(("pair_position", 1.0), ("pair_relation", 1.0), ("triple", 1.0))))
+        sets["multi"] = multi_world.sample(n, seed=seed + len(GRADED_KINDS))
+    return sets
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aptp.world.evaluate_base", description=__doc__.split("\n")[0])
     p.add_argument("--base", type=Path, default=DEFAULT_BASE_DIR)
     p.add_argument("--evaluator", type=Path, default=None, help="evaluator dir (default: shipped)")
-    p.add_argument("--n", type=int, default=64, help="prompts per set")
+    p.add_argument("--n", type=int, default=128, help="prompts per set")
+    p.add_argument("--multi", action="store_true", help="also evaluate the multi-object kinds")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.5])
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0])
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-readme", action="store_true", help="do not rewrite BASE/README.md")
@@ -52,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base(args.base)
     ev = load_evaluator(args.evaluator)
     results: dict[str, dict] = {}
-    grid_done = False
-    for name, samples in prompt_sets(args.n).items():
+    grid: list = []
+    grid_captions: list[str] = []
+    for name, samples in prompt_sets(args.n, multi=args.multi).items():
         captions = [s.caption for s in samples]
         scenes = [s.scene for s in samples]
         real_feats = ev.embed([s.image for s in samples])
@@ -80,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
                 "sampling_seconds": round(secs, 1),
             }
             print(name, g, json.dumps(results[f"{name}/guidance={g}"]), flush=True)
-            if not grid_done:
-                image_grid(to_pil(x), cols=8, scale=3).save(args.base / "grid.png")
-                (args.base / "grid_captions.txt").write_text(
-                    f"# grid.png, row-major, 8 per row: {name} prompts, guidance {g}, {args.steps} DDIM steps, seed {args.seed}\n"
-                    + "".join(f"{i:02d} {c}\n" for i, c in enumerate(captions))
-                )
-                grid_done = True
+            if g == args.guidance[0]:
+                grid += to_pil(x[:8])
+                grid_captions += [f"{name}: {c}" for c in captions[:8]]
+    image_grid(grid, cols=8, scale=3).save(args.base / "grid.png")
+    (args.base / "grid_captions.txt").write_text(
+        f"# grid.png, row-major, 8 per row (one row per set): guidance {args.guidance[0]}, {args.steps} DDIM steps, "
+        f"seed {args.seed}\n" + "".join(f"{i:02d} {c}\n" for i, c in enumerate(grid_captions)))
     cmd = "python -m aptp.world.evaluate_base " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     report = {"command": cmd, "n": args.n, "ddim_steps": args.steps, "eval_seed": EVAL_SEED, "results": results}
     (args.base / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -131,7 +137,7 @@ def write_readme(base: Path, report: dict) -> None:
         "attribute accuracy by the world evaluator (`aptp/assets/world/evaluator`) against each caption's ground "
         "truth; Fréchet distance and MMD (x1000, RBF, median bandwidth) between evaluator features of the "
         "generated images and of real renders of the same prompts. `grid.png` / `grid_captions.txt`: the "
-        "single-object set at the first guidance value.",
+        "first 8 prompts of each set (one row per set) at the first guidance value.",
         "",
         "```",
         report["command"],

@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export-every", type=int, default=250, help="export EMA weights to OUT every N steps")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from the UNet weights of this model directory (DIR/unet), e.g. an earlier base "
+                        "model, instead of a random initialisation (a checkpoint found by --resume wins)")
     p.add_argument("--fp32-export", action="store_true", help="export fp32 weights (default fp16, half the size)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the README's reproduce command
@@ -147,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     unet = build_unet(args.image_size).train()
+    if args.init is not None:
+        from diffusers import UNet2DConditionModel
+
+        if not (args.init / "unet" / "config.json").is_file():
+            raise SystemExit(f"--init {args.init}: no diffusers UNet at {args.init / 'unet'}; pass a base-model directory.")
+        init = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet", torch_dtype=torch.float32)
+        unet.load_state_dict(init.state_dict())
     noise_sched = DDPMScheduler(**scheduler_config())
     alphas_cumprod = noise_sched.alphas_cumprod.float()  # (T,)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -3,10 +3,11 @@
     python -m aptp.world.train_evaluator --out aptp/assets/world/evaluator [--steps 2000]
 
 Training images are drawn on the fly from the world (seeds `--data-seed` and `--data-seed + 1`:
-half single objects / letters placed up to 0.14 of the side off their slot, half multi-object
-scenes with 0.07 jitter; more colour jitter than the default world) and augmented with noise, blur and
-brightness changes so that the evaluator also reads imperfect generated images. It is validated
-on a held-out seed of the *default* world. Writes `model.safetensors` (fp16), `config.json`
+half one-object scenes of every kind (the capacity-graded `plain` / `placed` / `glyph` and the older
+`single` / `text`) placed up to 0.14 of the side off their slot (0.07 for the large glyphs), half
+multi-object scenes with 0.07 jitter; more colour jitter than the default world) and augmented with
+noise, blur and brightness changes so that the evaluator also reads imperfect generated images. It is
+validated on a held-out seed of the default (graded) world, per kind, and of the multi-object kinds. Writes `model.safetensors` (fp16), `config.json`
 (architecture, validation figures, the command) and `README.md`.
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aptp.data.world import World, WorldConfig
+from aptp.data.world import EVERY_KIND_MIX, World, WorldConfig
 from aptp.world.evaluator import Evaluator, attribute_accuracy, images_to_tensor, scene_targets, score_images
 
 HELD_OUT_SEED = 777_777
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     # objects a generator draws between slots are read in the nearest slot; the other half:
     # multi-object scenes with 0.07 jitter (more would let neighbouring objects overlap)
     single_world = World(WorldConfig(jitter=0.14, colour_jitter=25, partial_prob=0.0,
-                                     mix=(("single", 0.8), ("text", 0.2))))
+                                     mix=(("single", 0.35), ("text", 0.15), ("plain", 0.1), ("placed", 0.1))))
+    glyph_world = World(WorldConfig(jitter=0.07, colour_jitter=25, mix=(("glyph", 1.0),)))
     multi_world = World(WorldConfig(jitter=0.07, colour_jitter=25, partial_prob=0.0,
                                     mix=(("pair_position", 0.35), ("pair_relation", 0.3), ("triple", 0.35))))
     model = Evaluator()
@@ -91,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
     for step in tqdm(range(args.steps), desc="train_evaluator", mininterval=20, file=sys.stderr):
-        half = args.batch_size // 2
-        xs, ys, _ = batch(single_world, args.data_seed, step * half, half)
-        xm, ym, _ = batch(multi_world, args.data_seed + 1, step * half, args.batch_size - half)
-        x, y = torch.cat([xs, xm]), {k: torch.cat([ys[k], ym[k]]) for k in ys}
+        quarter = args.batch_size // 4
+        parts = [batch(single_world, args.data_seed, step * quarter, quarter),
+                 batch(glyph_world, args.data_seed + 2, step * quarter, quarter),
+                 batch(multi_world, args.data_seed + 1, step * quarter, args.batch_size - 2 * quarter)]
+        x = torch.cat([p[0] for p in parts])
+        y = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
         logits = model(augment(x, g))
         loss = sum(F.cross_entropy(logits[k].flatten(0, 1), y[k].flatten(), ignore_index=-100) for k in logits)
         opt.zero_grad(set_to_none=True)
@@ -106,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.time() - t0
     model.eval()
 
-    # validation on a held-out seed of the default world (clean renders)
-    val_world = World()
+    # validation on held-out seeds of the default (graded) world and of the multi-object kinds
+    val_world = World(WorldConfig(mix=EVERY_KIND_MIX))
     x, y, samples = batch(val_world, HELD_OUT_SEED, 0, args.val_size)
     with torch.no_grad():
         logits = model(x)
@@ -116,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         mask = y[k] != -100
         head_acc[k] = float((logits[k].argmax(-1)[mask] == y[k][mask]).float().mean())
     scores = attribute_accuracy(score_images(model, x, [s.scene for s in samples]))
-    single = [s for s in samples if s.scene.kind == "single"]
-    single_scores = attribute_accuracy(score_images(model, [s.image for s in single], [s.scene for s in single]))
+    per_kind = {}
+    for kind in sorted({s.scene.kind for s in samples}):
+        ss = [s for s in samples if s.scene.kind == kind]
+        per_kind[kind] = attribute_accuracy(score_images(model, [s.image for s in ss], [s.scene for s in ss]))["all"]
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(args.out / "model.safetensors"))
@@ -132,17 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         "val_size": args.val_size,
         "val_slot_head_accuracy": {k: round(v, 4) for k, v in head_acc.items()},
         "val_attribute_accuracy_all_kinds": {k: (round(v, 4) if v is not None else None) for k, v in scores.items()},
-        "val_attribute_accuracy_single": {k: (round(v, 4) if v is not None else None) for k, v in single_scores.items()},
+        "val_whole_scene_accuracy_per_kind": {k: round(v, 4) for k, v in per_kind.items()},
     }
     (args.out / "config.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "README.md").write_text(
         "# World evaluator (per-slot attribute CNN)\n\n"
         f"Trained {args.steps} steps x batch {args.batch_size} in {train_s:.0f} s on {args.threads} CPU thread(s):\n\n"
         f"```\n{cmd}\n```\n\n"
-        f"Validation on {args.val_size} clean renders of the default world, seed {HELD_OUT_SEED}:\n\n"
+        f"Validation on {args.val_size} clean renders of every kind in equal shares, seed {HELD_OUT_SEED}:\n\n"
         f"- per-slot head accuracy: {json.dumps(report['val_slot_head_accuracy'])}\n"
         f"- attribute accuracy, all kinds: {json.dumps(report['val_attribute_accuracy_all_kinds'])}\n"
-        f"- attribute accuracy, single objects: {json.dumps(report['val_attribute_accuracy_single'])}\n\n"
+        f"- whole scene right, per kind: {json.dumps(report['val_whole_scene_accuracy_per_kind'])}\n\n"
         "Load with `aptp.world.evaluator.load_evaluator()`.\n"
     )
     print(json.dumps(report, indent=2), flush=True)

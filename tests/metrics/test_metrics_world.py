@@ -10,7 +10,7 @@ import pytest
 import torch
 from metrics_helpers import rand_images
 
-from aptp.data.world import World, WorldConfig
+from aptp.data.world import EVERY_KIND_MIX, World, WorldConfig
 from aptp.metrics._common import MissingWeightsError
 from aptp.metrics.frechet import frechet_distance_features
 from aptp.metrics.mmd import mmd
@@ -47,11 +47,15 @@ def _checked(scene):
 
 
 def test_parsing_inverts_the_world_caption_grammar():
-    for s in World(WorldConfig()).sample(400, seed=3):
+    for s in World(WorldConfig()).sample(300, seed=3):  # the default graded world: kinds come back too
         scene = parse_world_caption(s.caption)
         assert scene.caption() == s.caption
         assert _checked(scene) == _checked(s.scene), s.caption
         assert scene.kind == s.scene.kind and scene.difficulty == s.difficulty
+    for s in World(WorldConfig(mix=EVERY_KIND_MIX)).sample(300, seed=3):  # every kind: what is checked
+        scene = parse_world_caption(s.caption)
+        assert scene.caption() == s.caption
+        assert _checked(scene) == _checked(s.scene), s.caption
 
 
 @pytest.mark.parametrize("caption", ["a photo of a cat", "a red circle on the moon", "a red circle at the top and "

@@ -10,6 +10,10 @@ from hypothesis import strategies as st
 
 from aptp.data.world import (
     COLOURS,
+    CONFUSABLE_GLYPHS,
+    EVERY_KIND_MIX,
+    GRADED_KINDS,
+    KINDS,
     LETTER,
     POSITION_CENTRES,
     POSITION_PHRASES,
@@ -64,7 +68,7 @@ def test_sample_one_is_a_function_of_seed_and_index(seed: int, index: int) -> No
 def test_ground_truth_matches_pixels() -> None:
     """Dominant colour in each object's box is its colour; its centroid lies in its stated slot."""
     size = 32
-    w = World(WorldConfig(image_size=size))
+    w = World(WorldConfig(image_size=size, mix=EVERY_KIND_MIX))
     samples = w.sample(300, seed=11)
     checked = 0
     for s in samples:
@@ -95,7 +99,7 @@ def test_sizes_are_ordered_per_shape() -> None:
 
 
 def test_captions_state_the_ground_truth() -> None:
-    w = World()
+    w = World(WorldConfig(mix=EVERY_KIND_MIX))
     kinds = set()
     for s in w.sample(300, seed=4):
         kinds.add(s.scene.kind)
@@ -113,7 +117,7 @@ def test_captions_state_the_ground_truth() -> None:
             assert relation_holds(r.kind, a.center, b.center), s.caption
         positions = [o.position for o in s.scene.objects]
         assert len(set(positions)) == len(positions)  # one object per slot
-    assert kinds == {"single", "pair_position", "pair_relation", "triple", "text"}
+    assert kinds == set(KINDS)
 
 
 def test_difficulty_grades() -> None:
@@ -123,6 +127,53 @@ def test_difficulty_grades() -> None:
     assert {s.difficulty for s in w.sample(20, 0, kind="triple")} == {4}
     assert {s.difficulty for s in w.sample(20, 0, kind="text")} == {3}
     assert single_object_scene("circle", "red", "large", "top").caption() == "a large red circle at the top"
+    assert {s.difficulty for s in w.sample(20, 0, kind="plain")} == {1}
+    assert {s.difficulty for s in w.sample(20, 0, kind="placed")} == {2}
+    assert {s.difficulty for s in w.sample(20, 0, kind="glyph")} == {3}
+
+
+def test_default_mix_is_the_graded_kinds_in_equal_shares() -> None:
+    from collections import Counter
+
+    counts = Counter(s.scene.kind for s in World().sample(900, seed=8))
+    assert set(counts) == set(GRADED_KINDS)
+    assert all(240 <= c <= 360 for c in counts.values()), counts  # 300 expected each
+    only = World(WorldConfig(mix=(("glyph", 1.0),))).sample(30, seed=8)
+    assert {s.scene.kind for s in only} == {"glyph"}
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        WorldConfig(mix=(("plain", -1.0), ("glyph", 1.0)))
+
+
+def test_graded_kinds_state_what_they_draw() -> None:
+    w = World()
+    for s in w.sample(20, 1, kind="plain"):
+        (o,) = s.scene.objects
+        assert s.caption == f"a {o.colour} {o.shape}" and o.size == "large" and o.position == "center"
+    for s in w.sample(20, 1, kind="placed"):
+        (o,) = s.scene.objects
+        assert s.caption == f"a {o.size} {o.colour} {o.shape} {POSITION_PHRASES[o.position]}"
+    glyphs = set()
+    for s in w.sample(200, 1, kind="glyph"):
+        (o,) = s.scene.objects
+        assert s.caption == f'the letter "{o.glyph}" in {o.colour}' and o.glyph in CONFUSABLE_GLYPHS
+        glyphs.add(o.glyph)
+    assert glyphs == set(CONFUSABLE_GLYPHS) and len(CONFUSABLE_GLYPHS) >= 12
+
+
+def test_glyphs_are_drawn_large_enough_to_tell_apart() -> None:
+    """Every confusable glyph covers many pixels, and any two glyphs differ in many pixels."""
+    from aptp.data.world import GLYPH_RADIUS, WorldObject, Scene
+
+    w = World(WorldConfig(colour_jitter=0))
+    masks = {}
+    for g in CONFUSABLE_GLYPHS:
+        obj = WorldObject("letter", "white", "large", "center", g, (0.5, 0.5), GLYPH_RADIUS, False, False)
+        masks[g] = np.asarray(w.render(Scene((obj,), (), "glyph"))).max(-1) > 120  # (32, 32)
+        assert masks[g].sum() >= 60, f"{g} covers only {masks[g].sum()} pixels"
+    for a in CONFUSABLE_GLYPHS:
+        for b in CONFUSABLE_GLYPHS:
+            if a < b:
+                assert (masks[a] ^ masks[b]).sum() >= 12, f"{a} and {b} differ in {(masks[a] ^ masks[b]).sum()} pixels"
 
 
 def test_config_validation_and_restrictions() -> None:
