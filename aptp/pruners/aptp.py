@@ -36,6 +36,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from aptp.core.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from aptp.core.rundir import open_run
 from aptp.core.interfaces import Pruner
 from aptp.pruners import objectives as O
 from aptp.pruners.training import (
@@ -125,20 +126,21 @@ class AptpPruner(Pruner):
         fixed = not learns_codes(router)
         if not fixed:
             composition.require("balancer")
-        ctx = TrainContext(composition, self.config.data, output_dir, progress=self.config.progress,
-                           min_snr_gamma=self.config.min_snr_gamma)
-        ids = None
-        if fixed:
-            from aptp.routers.ot import OTRouter, OTRouterConfig
+        with open_run(output_dir, composition.config, composition.registry):  # lock; refuse another config's folder
+            ctx = TrainContext(composition, self.config.data, output_dir, progress=self.config.progress,
+                               min_snr_gamma=self.config.min_snr_gamma)
+            ids = None
+            if fixed:
+                from aptp.routers.ot import OTRouter, OTRouterConfig
 
-            embeddings = ctx.all_embeddings()  # (N, D)
-            router.fit(embeddings)
-            with torch.no_grad():
-                ids = router.eval().route(embeddings).expert_ids  # (N,) fixed for the whole run
-        codes = bind_seeded(OTRouter(OTRouterConfig(num_experts=router.num_experts)) if fixed else router, ctx)
-        phase1 = self.phase1(ctx, codes, fixed_ids=ids)
-        phase2 = self.phase2(ctx, codes, fixed_ids=ids)
-        ctx.save_bundle(router, codes.architectures())
+                embeddings = ctx.all_embeddings()  # (N, D)
+                router.fit(embeddings)
+                with torch.no_grad():
+                    ids = router.eval().route(embeddings).expert_ids  # (N,) fixed for the whole run
+            codes = bind_seeded(OTRouter(OTRouterConfig(num_experts=router.num_experts)) if fixed else router, ctx)
+            phase1 = self.phase1(ctx, codes, fixed_ids=ids)
+            phase2 = self.phase2(ctx, codes, fixed_ids=ids)
+            ctx.save_bundle(router, codes.architectures())
         return {**phase1, **phase2, "output_dir": str(output_dir)}
 
     # --------------------------------------------------------------------------------- phase 1

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from aptp.core.interfaces import AssignmentContext, Pruner
+from aptp.core.rundir import open_run
 from aptp.pruners.aptp import Phase2Config
 from aptp.pruners.training import DataConfig, TrainContext, check_cut_backend
 
@@ -44,29 +45,30 @@ class StaticPruner(Pruner):
         c = self.config
         router = composition.require("router")  # fail before loading any model
         assignment = composition.require("assignment")
-        ctx = TrainContext(composition, c.data, Path(output_dir), progress=c.progress,
-                           min_snr_gamma=c.min_snr_gamma)
-        embeddings = ctx.all_embeddings()  # (N, D)
-        router.fit(embeddings)
-        router.eval()
-        with torch.no_grad():
-            ids = router.route(embeddings).expert_ids  # (N,)
-        archs = assignment.architectures(AssignmentContext(
-            unit_space=ctx.unit_space, num_experts=router.num_experts, target_ratio=c.target_ratio,
-            denoiser=ctx.denoiser, router=router,
-            extra={"granularities": ctx.granularities, "train_context": ctx, "expert_ids": ids},
-        ))  # (K, U)
-        losses = {}
-        for k in range(router.num_experts):
-            members = (ids == k).nonzero().flatten()
-            if len(members) == 0:
-                members = torch.arange(len(ctx.dataset))
-            f = c.finetune
-            losses[k] = ctx.finetune_expert(k, archs[k], members, steps=f.steps, batch_size=f.batch_size,
-                                            lr=f.lr * (math.sqrt(f.batch_size) if c.scale_lr else 1.0),
-                                            weights=(f.denoise, f.distill, f.block), resume=c.resume,
-                                            cut_backend=c.cut_backend)
-        ctx.save_bundle(router, archs)
+        with open_run(output_dir, composition.config, composition.registry):  # lock; refuse another config's folder
+            ctx = TrainContext(composition, c.data, Path(output_dir), progress=c.progress,
+                               min_snr_gamma=c.min_snr_gamma)
+            embeddings = ctx.all_embeddings()  # (N, D)
+            router.fit(embeddings)
+            router.eval()
+            with torch.no_grad():
+                ids = router.route(embeddings).expert_ids  # (N,)
+            archs = assignment.architectures(AssignmentContext(
+                unit_space=ctx.unit_space, num_experts=router.num_experts, target_ratio=c.target_ratio,
+                denoiser=ctx.denoiser, router=router,
+                extra={"granularities": ctx.granularities, "train_context": ctx, "expert_ids": ids},
+            ))  # (K, U)
+            losses = {}
+            for k in range(router.num_experts):
+                members = (ids == k).nonzero().flatten()
+                if len(members) == 0:
+                    members = torch.arange(len(ctx.dataset))
+                f = c.finetune
+                losses[k] = ctx.finetune_expert(k, archs[k], members, steps=f.steps, batch_size=f.batch_size,
+                                                lr=f.lr * (math.sqrt(f.batch_size) if c.scale_lr else 1.0),
+                                                weights=(f.denoise, f.distill, f.block), resume=c.resume,
+                                                cut_backend=c.cut_backend)
+            ctx.save_bundle(router, archs)
         ratios = ctx.unit_space.macs_ratio(archs)
         return {"expert_macs_ratios": [round(float(r), 4) for r in ratios],
                 "routed_load": torch.bincount(ids, minlength=router.num_experts).tolist(),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,9 +189,9 @@ class TrainContext:
         if len(self.dataset) == 0:
             raise ValueError(f"the training data ({data.source}: {data.path}) holds no sample.")
         self._captions: list[str] | None = None
+        # config.yaml (what RoutedPipeline.from_run rebuilds) and fingerprint.json are written by
+        # aptp.core.rundir.open_run, which the procedures hold around the whole run.
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:  # the resolved experiment: what RoutedPipeline.from_run rebuilds
-            (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(composition.config))
 
     def _pixel_resolution(self) -> int:
         c, h, w = self.conditioning.sample_shape
@@ -327,7 +329,8 @@ class TrainContext:
         expert.eval().requires_grad_(False)
         after = self._distillation(expert, eval_batch)
         if self.is_main:
-            tmp = final.with_name(f".{final.name}.tmp")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # unique per process
             save_expert(tmp, expert, arch, self.unit_space, self.granularities, self.conditioning,
                         backbone=OmegaConf.to_container(self.composition.config.backbone, resolve=True))
             (tmp / "finetune.json").write_text(json.dumps({"steps": steps, "distill_before_after": [before, after]}))
