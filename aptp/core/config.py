@@ -125,6 +125,7 @@ def _parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[str
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. router=kmeans, router.num_experts=4).")
         key, value = item.split("=", 1)
+        _refuse_env_interpolation(value, key, "override")
         if key in SLOTS and not value.startswith(("{", "[")):
             choices[key] = value
         else:
