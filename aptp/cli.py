@@ -44,22 +44,28 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from aptp.core.build import build
     from aptp.core.config import load_experiment
+    from aptp.core.rundir import open_run
 
     cfg = load_experiment(args.experiment, args.overrides, search_path=args.config_dir or ())
     composition = build(cfg)
     pruner = composition.require("pruner")
     output_dir = Path(args.output_dir or cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    summary = pruner.run(composition, output_dir)
+    # The folder's lock for the whole run; a folder holding results of another config is refused
+    # before anything in it is written, unless --restart discards them.
+    with open_run(output_dir, cfg, composition.registry, restart=args.restart):
+        summary = pruner.run(composition, output_dir)
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from aptp.core.config import check_name
     from aptp.harness import compare, load_comparison
 
     cfg = load_comparison(args.comparison, args.overrides)
+    for cell in cfg.cells:
+        check_name(cell, f"{args.comparison}: cell name")
     out = Path(args.output_dir or cfg.output_dir)
     result = compare(cfg.base, cfg.cells, cfg.eval, out)
     print(f"report: {result['report']}")
@@ -70,16 +76,19 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from aptp.core.config import check_name
     from aptp.core.errors import ConfigError
     from aptp.harness import EvalConfig, compare, grid_cells
 
     cells = grid_cells(args.grid)
+    for cell in cells:
+        check_name(cell, "grid cell name (from --grid values)")
     try:
         eval_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig),
                                                        OmegaConf.from_dotlist(args.eval or [])))
     except (OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(f"--eval {' '.join(args.eval or [])}: {exc}") from None
-    name = args.name or f"{Path(args.experiment).stem}-ablation"
+    name = check_name(args.name or f"{Path(args.experiment).stem}-ablation", "--name")
     out = Path(args.output_dir or f"runs/{name}")
     for cell, overrides in cells.items():
         cells[cell] = list(args.set or []) + overrides
@@ -120,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("--output-dir", metavar="DIR", help="where to write results (default: the "
                            "experiment's output_dir, runs/<name>)")
+            p.add_argument("--restart", action="store_true",
+                           help="delete the results already in the output folder (experts, checkpoints, logs) "
+                           "and run from the beginning. Without it, a folder whose results came from the same "
+                           "config is resumed, and one whose results came from another config is refused "
+                           "(its fingerprint.json differs) with nothing written")
         p.set_defaults(func=func)
 
     p = sub.add_parser(

@@ -138,16 +138,23 @@ def evaluate_pipeline(name: str, pipe: RoutedPipeline, prompts: EvalPrompts, cfg
 
 
 def run_cell(base: str | Path, overrides: Sequence[str], out: Path) -> dict[str, Any]:
-    """Run one composition into ``out`` unless it finished before (``summary.json`` exists)."""
-    done = out / DONE_FILE
-    if done.is_file():
-        return json.loads(done.read_text())
+    """Run one composition into ``out`` unless it finished before (``summary.json`` exists) from
+    the same config: a cell folder whose results came from another config (its ``fingerprint.json``
+    differs) is refused with a ConfigError naming what changed, never silently reused."""
+    from aptp.core.rundir import open_run
+
     with warnings.catch_warnings():  # a cell swapping a slot drops the base's settings for it: expected
         warnings.filterwarnings("ignore", message=r".* ignored: .* has no such parameter")
         cfg = load_experiment(base, list(overrides))
+    hint = f"Delete {out} to run this cell again with its new config, or write to another --output-dir."
+    done = out / DONE_FILE
+    if done.is_file():
+        with open_run(out, cfg, hint=hint):
+            return json.loads(done.read_text())
     composition = build(cfg)
-    summary = composition.require("pruner").run(composition, out)
-    done.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    with open_run(out, cfg, composition.registry, hint=hint):
+        summary = composition.require("pruner").run(composition, out)
+        done.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
 
