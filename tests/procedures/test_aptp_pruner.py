@@ -53,15 +53,31 @@ def test_routed_pipeline_returns_images_in_input_order(aptp_run):
         pipe(["ok", 3])
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    import aptp.pruners.aptp as aptp_module
+
     common = ["router.num_experts=2", "pruner.warmup_steps=0", "pruner.batch_size=4", "pruner.lr=0.1",
               "pruner.scale_lr=false", "pruner.checkpoint_every=3", "pruner.phase2.steps=0",
-              "pruner.data.num_samples=16"]
-    full, _ = run_experiment(tmp_path / "full", common + ["pruner.steps=7"])
-    run_experiment(tmp_path / "cut", common + ["pruner.steps=5"])
+              "pruner.data.num_samples=16", "pruner.steps=7"]
+    full, _ = run_experiment(tmp_path / "full", common)
+
+    class Killed(Exception):
+        pass
+
+    save = aptp_module.save_checkpoint
+
+    def save_then_die(directory, step, state, **kw):  # the same run, killed right after checkpoint 6
+        save(directory, step, state, **kw)
+        if step == 6:
+            raise Killed
+
+    monkeypatch.setattr(aptp_module, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run_experiment(tmp_path / "cut", common)
+    monkeypatch.undo()
     ckpts = tmp_path / "cut" / "checkpoints" / "phase1"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000003", "step-00000005"]
-    shutil.rmtree(ckpts / "step-00000005")  # as if killed after logging step 4, before its checkpoint
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000003", "step-00000006"]
+    shutil.rmtree(ckpts / "step-00000006")  # as if killed after logging step 5, before its checkpoint
     resumed, _ = run_experiment(tmp_path / "cut", common + ["pruner.steps=7"])
     steps = [r["step"] for r in read_log(tmp_path / "cut" / "phase1.jsonl")]
     assert steps == list(range(7)), "resumed at step 3: steps 3-4 are redone and logged once"
