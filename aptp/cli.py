@@ -67,7 +67,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for cell in cfg.cells:
         check_name(cell, f"{args.comparison}: cell name")
     out = Path(args.output_dir or cfg.output_dir)
-    result = compare(cfg.base, cfg.cells, cfg.eval, out)
+    result = compare(cfg.base, cfg.cells, cfg.eval, out, seeds=cfg.seeds)
     print(f"report: {result['report']}")
     return 0
 

@@ -10,12 +10,13 @@ one report with a table and figures.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,29 +26,57 @@ from tqdm.auto import tqdm
 
 from aptp.core.build import build
 from aptp.core.config import load_experiment
-from aptp.pipeline import RoutedPipeline
+from aptp.core.interfaces import BackboneModules
+from aptp.pipeline import RoutedPipeline, prompt_noise
 
 DONE_FILE = "summary.json"
 
 
 @dataclass
 class EvalConfig:
-    """The shared evaluation every model of a comparison gets."""
+    """The shared evaluation every model of a comparison gets (the paired protocol).
 
-    num_prompts: int = 64  # held-out prompts
+    Every model generates the same held-out prompts from the same initial noise: prompt ``i`` under
+    sampling seed ``s`` starts from noise seeded by ``(s, i)`` alone, whatever batch it runs in, and
+    a deterministic sampler (DDIM, eta 0) turns it into an image. Per-prompt scores are averaged
+    over the sampling seeds and compared with the reference model's on the same prompts (paired
+    bootstrap over prompts, stratified by kind; see :mod:`aptp.stats`).
+    """
+
+    num_prompts: int = 64  # prompts read from ``prompts_file`` (world prompts: see prompts_per_kind)
+    prompts_per_kind: int = 64  # world prompts, stratified: this many of each kind of the world's mix
     prompts_file: Optional[str] = None  # a prompt file (one per line / TSV with Prompt); None: the world's
-    seed: int = 12345  # held-out world prompts and the generation noise
+    seed: int = 12345  # the held-out world prompts
+    sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # initial-noise seeds, each prompt
+    sampler: str = "ddim"  # "ddim": deterministic DDIM (eta 0) on the backbone's schedule; "backbone": as loaded
     steps: int = 25  # denoising steps
     guidance_scale: float = 1.0
     batch_size: int = 16  # most prompts one expert batch holds
     metrics: list[str] = field(default_factory=lambda: ["world_accuracy", "world_fd", "world_mmd"])
+    reference: str = "dense"  # the model every other one is compared with (paired differences)
+    pairs: list[str] = field(default_factory=list)  # further comparisons "a:b" (a against b)
+    bootstrap: int = 2000  # bootstrap resamples for the intervals
+    confidence: float = 0.95
+    budget: Optional[float] = None  # the kept-MACs budget the pruned models should meet (deployed, +-0.01)
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    latency_repeats: int = 5
+    latency_rounds: int = 10  # interleaved rounds over every model (see aptp.timing)
+    latency_repeats: int = 2  # calls per model and round
+    latency_threads: int = 1  # torch threads while timing on CPU
     grid_per_expert: int = 8  # images per expert in the report's grids
 
     def __post_init__(self) -> None:
-        if self.num_prompts < 1 or self.steps < 1 or self.batch_size < 1 or self.latency_repeats < 1:
-            raise ValueError("num_prompts, steps, batch_size and latency_repeats must be >= 1.")
+        if min(self.num_prompts, self.prompts_per_kind, self.steps, self.batch_size, self.latency_rounds,
+               self.latency_repeats, self.latency_threads) < 1:
+            raise ValueError("num_prompts, prompts_per_kind, steps, batch_size and the latency_* counts must be >= 1.")
+        if not self.sample_seeds or len(set(self.sample_seeds)) != len(self.sample_seeds):
+            raise ValueError(f"sample_seeds={self.sample_seeds!r}: give at least one seed, each once.")
+        if self.sampler not in ("ddim", "backbone"):
+            raise ValueError(f"sampler={self.sampler!r}: use 'ddim' (deterministic) or 'backbone'.")
+        if self.bootstrap < 1000 or not 0.5 < self.confidence < 1.0:
+            raise ValueError(f"bootstrap={self.bootstrap} must be >= 1000 and confidence={self.confidence} in (0.5, 1).")
+        for pair in self.pairs:
+            if pair.count(":") != 1 or "" in pair.split(":"):
+                raise ValueError(f"pairs entry {pair!r} must look like 'model_a:model_b'.")
 
 
 @dataclass
@@ -55,22 +84,33 @@ class EvalPrompts:
     prompts: list[str]
     reference: torch.Tensor | None  # (N, 3, H, W) in [0, 1]: the world's ground-truth renders
     difficulty: list[int] | None
+    kinds: list[str] | None = None  # each prompt's kind (the stratum of the bootstrap)
 
 
 def eval_prompts(cfg: EvalConfig, resolution: int) -> EvalPrompts:
-    """The held-out prompts: from ``prompts_file``, or drawn from the world with their renders."""
+    """The held-out prompts: from ``prompts_file``, or ``prompts_per_kind`` of each kind of the
+    world's mix with their renders (kind ``j`` drawn from world seed ``seed + 1000 j``)."""
     if cfg.prompts_file:
         from aptp.data.prompts import read_prompts
 
-        return EvalPrompts(read_prompts(cfg.prompts_file)[: cfg.num_prompts], None, None)
-    from aptp.data.world import World, WorldConfig
-
-    samples = World(WorldConfig(image_size=resolution)).sample(cfg.num_prompts, seed=cfg.seed)
+        return EvalPrompts(read_prompts(cfg.prompts_file)[: cfg.num_prompts], None, None, None)
     import numpy as np
 
+    from aptp.data.world import World, WorldConfig
+
+    world = World(WorldConfig(image_size=resolution))
+    kinds = [k for k, _ in world.config.kind_weights()]
+    samples = [world.sample_one(cfg.seed + 1000 * j, i, kind) for j, kind in enumerate(kinds)
+               for i in range(cfg.prompts_per_kind)]
     ref = torch.stack([torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 255.0).permute(2, 0, 1)
                        for s in samples])
-    return EvalPrompts([s.caption for s in samples], ref, [s.difficulty for s in samples])
+    return EvalPrompts([s.caption for s in samples], ref, [s.difficulty for s in samples],
+                       [s.scene.kind for s in samples])
+
+
+def noise_seed(sample_seed: int, index: int) -> int:
+    """The seed of prompt ``index``'s initial noise under ``sample_seed`` (the same in every model)."""
+    return int(sample_seed) * 1_000_003 + int(index)
 
 
 def dense_pipeline(run_dir: str | Path) -> RoutedPipeline:
@@ -81,60 +121,110 @@ def dense_pipeline(run_dir: str | Path) -> RoutedPipeline:
     return RoutedPipeline(pipe.backbone, pipe.modules, pipe.encoder, SingleRouter(), {0: pipe.modules.denoiser})
 
 
-@torch.no_grad()
-def step_latency_ms(pipe: RoutedPipeline, denoiser: torch.nn.Module, batch_size: int, repeats: int) -> float:
-    """Median wall time (ms) of one denoiser call at ``batch_size`` (synchronised on CUDA)."""
-    cond = pipe.backbone.conditioning()
-    p = next(denoiser.parameters())
-    x = torch.randn(batch_size, *cond.sample_shape, device=p.device, dtype=p.dtype)
-    t = torch.full((batch_size,), 500, device=p.device)
-    text = pipe.backbone.encode_prompts(pipe.modules, ["a red circle"] * batch_size).to(p.device, p.dtype)
-    times = []
-    for i in range(repeats + 1):  # the first call warms up
-        if p.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        pipe.backbone.denoise(denoiser, x, t, text)
-        if p.is_cuda:
-            torch.cuda.synchronize()
-        if i:
-            times.append((time.perf_counter() - start) * 1000)
-    return float(torch.tensor(times).median())
+def deterministic_modules(modules: BackboneModules, sampler: str) -> BackboneModules:
+    """``modules`` with a DDIM scheduler (eta 0: no noise after the initial one) on the same schedule."""
+    if sampler == "backbone":
+        return modules
+    from diffusers import DDIMScheduler
+
+    return replace(modules, scheduler=DDIMScheduler.from_config(modules.scheduler.config))
 
 
 def evaluate_pipeline(name: str, pipe: RoutedPipeline, prompts: EvalPrompts, cfg: EvalConfig,
-                      metrics: Mapping[str, Any], kept_ratios: torch.Tensor | None) -> dict[str, Any]:
-    """Generate the evaluation prompts, score them, time them."""
+                      metrics: Mapping[str, Any], kept_ratios: torch.Tensor | None,
+                      train_seed: int | None = None) -> dict[str, Any]:
+    """Generate the evaluation prompts under every sampling seed, score them per prompt and as a set.
+
+    Returns ``row`` (set-level figures), ``per_prompt`` (one dict per prompt and sampling seed),
+    ``images`` / ``expert_ids`` of the first sampling seed (for grids)."""
     from aptp.metrics.harness import evaluate
 
-    for k in range(pipe.router.num_experts):  # load every expert before timing
+    for k in range(pipe.router.num_experts):  # load every expert before generating
         pipe.expert(k)
-    g = torch.Generator().manual_seed(cfg.seed)
-    start = time.perf_counter()
-    out = pipe(prompts.prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-               generator=g, output_type="pt")
+    shape = (len(prompts.prompts), *pipe.backbone.conditioning().sample_shape)
+    images_per_seed, start = [], time.perf_counter()
+    for s in cfg.sample_seeds:
+        latents = prompt_noise(shape, [noise_seed(s, i) for i in range(len(prompts.prompts))])
+        out = pipe(prompts.prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                   latents=latents, output_type="pt")
+        images_per_seed.append(out.images)
     seconds = time.perf_counter() - start
-    row: dict[str, Any] = {"model": name, "num_experts": pipe.router.num_experts,
-                           "seconds_per_image": seconds / len(prompts.prompts)}
-    ids = out.expert_ids
+    ids = out.expert_ids  # routing does not depend on the noise
+    n_images = len(prompts.prompts) * len(cfg.sample_seeds)
+    row: dict[str, Any] = {"model": name, "train_seed": train_seed, "num_experts": pipe.router.num_experts,
+                           "seconds_per_image": seconds / n_images}
     row["load"] = torch.bincount(ids, minlength=pipe.router.num_experts).tolist()
+    kept = kept_ratios[ids] if kept_ratios is not None else torch.ones(len(ids))  # (N,)
     if kept_ratios is not None:
         row["expert_macs_ratios"] = [round(float(r), 4) for r in kept_ratios]
-        row["mean_macs_ratio"] = float(kept_ratios[ids].mean())
-    else:
-        row["mean_macs_ratio"] = 1.0
-    if metrics:
-        row.update(evaluate(out.images, prompts.prompts, metrics, reference=prompts.reference))
+    row["mean_macs_ratio"] = float(kept.mean())  # deployed: inference routing on the evaluation prompts
+    per_prompt = []
+    for s, images in zip(cfg.sample_seeds, images_per_seed):
+        values = {m: metric.per_sample(images, prompts.prompts) for m, metric in metrics.items()}
+        for i, prompt in enumerate(prompts.prompts):
+            rec = {"model": name, "prompt": prompt, "prompt_index": i,
+                   "kind": prompts.kinds[i] if prompts.kinds else None,
+                   "difficulty": prompts.difficulty[i] if prompts.difficulty else None,
+                   "sample_seed": int(s), "train_seed": train_seed, "expert": int(ids[i]),
+                   "kept_macs": round(float(kept[i]), 6)}
+            rec.update({m: v[i] for m, v in values.items() if v is not None})
+            per_prompt.append(rec)
+    if metrics:  # set-level values over the images of every sampling seed
+        pooled = torch.cat(images_per_seed)
+        row.update(evaluate(pooled, prompts.prompts * len(cfg.sample_seeds), metrics, reference=prompts.reference))
     if prompts.difficulty is not None and kept_ratios is not None and len(set(kept_ratios.tolist())) > 1:
         from scipy.stats import spearmanr
 
-        rho = spearmanr(prompts.difficulty, kept_ratios[ids].tolist())
+        rho = spearmanr(prompts.difficulty, kept.tolist())
         row["difficulty_vs_macs_spearman"] = float(rho.statistic)
         row["difficulty_vs_macs_p"] = float(rho.pvalue)
+    return {"row": row, "per_prompt": per_prompt, "images": images_per_seed[0], "expert_ids": ids, "pipe": pipe}
+
+
+def measure_latency(results: Mapping[str, dict[str, Any]], prompts: EvalPrompts, cfg: EvalConfig) -> None:
+    """Time every model's experts and its routed serving of a mixed batch, all interleaved
+    (:func:`aptp.timing.time_interleaved`); writes ``step_ms_b{B}`` (median per expert),
+    ``routed_ms_b{B}`` (median / quartiles of one denoising step of the routed groups of ``B``
+    evaluation prompts) and ``latency_vs_reference_b{B}`` into each row."""
+    from aptp.timing import time_interleaved
+
+    any_pipe = next(iter(results.values()))["pipe"]
+    backbone, modules = any_pipe.backbone, any_pipe.modules
+    param = next(modules.denoiser.parameters())
+    mixed = torch.randperm(len(prompts.prompts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    candidates, inputs = {}, {}
     for b in cfg.latency_batch_sizes:
-        lat = [step_latency_ms(pipe, pipe.expert(k), b, cfg.latency_repeats) for k in range(pipe.router.num_experts)]
-        row[f"step_ms_b{b}"] = lat
-    return {"row": row, "images": out.images, "expert_ids": ids}
+        x = torch.randn(b, *backbone.conditioning().sample_shape, generator=torch.Generator().manual_seed(b))
+        x = x.to(param.device, param.dtype)
+        t = torch.full((b,), 500, device=param.device)
+        chosen = [mixed[i % len(mixed)] for i in range(b)]
+        text = backbone.encode_prompts(modules, [prompts.prompts[i] for i in chosen]).to(param.device, param.dtype)
+        inputs[b] = (x, t, text)
+        for name, res in results.items():
+            pipe, ids = res["pipe"], res["expert_ids"]
+            for k in range(pipe.router.num_experts):
+                candidates[f"{name}|expert{k}|{b}"] = functools.partial(backbone.denoise, pipe.expert(k), x, t, text)
+            groups = [(pipe.expert(k), idx) for k in ids[chosen].unique().tolist()
+                      for idx in [(ids[chosen] == k).nonzero().flatten()]]
+            candidates[f"{name}|routed|{b}"] = functools.partial(_routed_step, backbone, groups, x, t, text)
+    timings = time_interleaved(candidates, rounds=cfg.latency_rounds, repeats=cfg.latency_repeats,
+                               device=param.device, threads=cfg.latency_threads)
+    for name, res in results.items():
+        row = res["row"]
+        for b in cfg.latency_batch_sizes:
+            row[f"step_ms_b{b}"] = [timings[f"{name}|expert{k}|{b}"].median for k in range(row["num_experts"])]
+            row[f"routed_ms_b{b}"] = timings[f"{name}|routed|{b}"].as_dict()
+    ref = cfg.reference if cfg.reference in results else next(iter(results))
+    for name, res in results.items():
+        for b in cfg.latency_batch_sizes:
+            res["row"][f"latency_vs_reference_b{b}"] = (
+                res["row"][f"routed_ms_b{b}"]["median_ms"] / results[ref]["row"][f"routed_ms_b{b}"]["median_ms"])
+
+
+def _routed_step(backbone, groups, x, t, text) -> None:
+    """One denoising step of a mixed batch: each expert's group as one call."""
+    for denoiser, idx in groups:
+        backbone.denoise(denoiser, x[idx], t[idx], text[idx])
 
 
 def run_cell(base: str | Path, overrides: Sequence[str], out: Path) -> dict[str, Any]:
@@ -159,32 +249,123 @@ def run_cell(base: str | Path, overrides: Sequence[str], out: Path) -> dict[str,
 
 
 def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfig, out_dir: str | Path,
-            progress: bool = True) -> dict[str, Any]:
-    """Run every cell, evaluate dense + every cell on the same prompts, write ``report.md``."""
+            progress: bool = True, seeds: Sequence[int] = ()) -> dict[str, Any]:
+    """Run every cell (once per training seed in ``seeds``; none: the experiment's own seed),
+    evaluate dense + every cell with the paired protocol, time them interleaved, and write
+    ``results.json``, ``per_prompt.jsonl`` and ``report.md``."""
     from aptp.metrics.harness import build_metrics
     from aptp.reporting import write_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summaries = {}
-    for name, overrides in tqdm(list(cells.items()), desc="compositions", disable=not progress):
-        summaries[name] = run_cell(base, overrides, out_dir / "cells" / name)
-    first = out_dir / "cells" / next(iter(cells))
+    if "dense" in cells:
+        raise ValueError("a cell may not be named 'dense': that name is the unpruned reference model.")
+    runs: dict[tuple[str, int | None], Path] = {}
+    summaries: dict[str, Any] = {}
+    jobs = [(name, s) for name in cells for s in (list(seeds) or [None])]
+    for name, s in tqdm(jobs, desc="compositions", disable=not progress):
+        folder = out_dir / "cells" / (name if s is None else f"{name}-seed{s}")
+        overrides = list(cells[name]) + ([f"seed={s}"] if s is not None else [])
+        summaries[folder.name] = run_cell(base, overrides, folder)
+        runs[(name, s)] = folder
+    first = next(iter(runs.values()))
     dense = dense_pipeline(first)
-    cond = dense.backbone.conditioning()
-    prompts = eval_prompts(cfg, _pixel_resolution(dense, cond))
+    modules = deterministic_modules(dense.modules, cfg.sampler)
+    dense = RoutedPipeline(dense.backbone, modules, dense.encoder, dense.router, {0: modules.denoiser})
+    prompts = eval_prompts(cfg, _pixel_resolution(dense, dense.backbone.conditioning()))
     metrics = build_metrics(cfg.metrics)
     results = {"dense": evaluate_pipeline("dense", dense, prompts, cfg, metrics, None)}
-    for name in cells:
-        run = out_dir / "cells" / name
+    for (name, s), run in tqdm(list(runs.items()), desc="evaluation", disable=not progress):
         same_backbone = _backbone_section(run) == _backbone_section(first)
-        pipe = RoutedPipeline.from_run(run, modules=dense.modules if same_backbone else None)
-        results[name] = evaluate_pipeline(name, pipe, prompts, cfg, metrics, pipe.kept_ratios)
+        pipe = RoutedPipeline.from_run(run, modules=modules if same_backbone else None)
+        if not same_backbone:
+            pipe.modules = deterministic_modules(pipe.modules, cfg.sampler)
+        key = name if s is None else f"{name}-seed{s}"
+        results[key] = evaluate_pipeline(name, pipe, prompts, cfg, metrics, pipe.kept_ratios, train_seed=s)
+    measure_latency(results, prompts, cfg)
+    per_prompt = [rec for res in results.values() for rec in res["per_prompt"]]
+    with open(out_dir / "per_prompt.jsonl", "w") as f:
+        for rec in per_prompt:
+            f.write(json.dumps(rec) + "\n")
+    stats = paired_summary(per_prompt, [r["row"] for r in results.values()], cfg, metrics)
     rows = [r["row"] for r in results.values()]
-    (out_dir / "results.json").write_text(json.dumps({"eval": asdict(cfg), "rows": rows,
-                                                      "summaries": summaries}, indent=1, default=str) + "\n")
-    report = write_report(out_dir, results, prompts, cfg, summaries)
-    return {"rows": rows, "report": str(report)}
+    (out_dir / "results.json").write_text(json.dumps({"eval": asdict(cfg), "seeds": list(seeds), "rows": rows,
+                                                      "intervals": stats, "summaries": summaries},
+                                                     indent=1, default=str) + "\n")
+    report = write_report(out_dir, results, prompts, cfg, summaries, stats)
+    return {"rows": rows, "intervals": stats, "report": str(report)}
+
+
+def paired_summary(per_prompt: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], cfg: EvalConfig,
+                   metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Per model and per-prompt metric: the mean with its interval, overall and per kind; the
+    paired difference against ``cfg.reference`` (and each of ``cfg.pairs``) with its interval and
+    verdict; the spread over training seeds. Per-prompt values are averaged over sampling seeds
+    (and training seeds) first: the prompt is the resampling unit."""
+    import numpy as np
+
+    from aptp.stats import Interval, bootstrap_mean, spread, verdict
+
+    models = list(dict.fromkeys(r["model"] for r in per_prompt))
+    per_sample = [m for m in metrics if any(m in r for r in per_prompt[:1])]
+    n_prompts = max(r["prompt_index"] for r in per_prompt) + 1
+    kinds = [None] * n_prompts
+    for r in per_prompt:
+        kinds[r["prompt_index"]] = r.get("kind")
+    strata = kinds if all(k is not None for k in kinds) else None
+    boot = {"n_boot": cfg.bootstrap, "confidence": cfg.confidence}
+
+    def table(model: str, metric: str, train_seed: Any = "all") -> np.ndarray:
+        """(N,) mean over sampling (and training) seeds per prompt, NaN where never stated."""
+        acc, cnt = np.zeros(n_prompts), np.zeros(n_prompts)
+        for r in per_prompt:
+            if r["model"] == model and (train_seed == "all" or r["train_seed"] == train_seed):
+                v = r.get(metric)
+                if v is not None and not (isinstance(v, float) and np.isnan(v)):
+                    acc[r["prompt_index"]] += v
+                    cnt[r["prompt_index"]] += 1
+        with np.errstate(invalid="ignore"):
+            return acc / cnt
+
+    def intervals(values: np.ndarray, other: np.ndarray | None = None) -> dict[str, Any]:
+        """Mean of ``values`` (or of ``values - other``, paired) with intervals: overall, per kind."""
+        ok = ~np.isnan(values) if other is None else ~(np.isnan(values) | np.isnan(other))
+        if not ok.any():
+            return {}
+        x = values[ok] if other is None else values[ok] - other[ok]  # (n,)
+        st = [strata[i] for i in np.flatnonzero(ok)] if strata else None
+        out = {"all": bootstrap_mean(x, strata=st, **boot).as_dict()}
+        for kind in sorted(set(st or [])):
+            out[kind] = bootstrap_mean(x[np.asarray([s == kind for s in st])], **boot).as_dict()
+        return out
+
+    pairs = [(m, cfg.reference) for m in models if m != cfg.reference and cfg.reference in models]
+    pairs += [tuple(p.split(":")) for p in cfg.pairs if all(x in models for x in p.split(":"))]
+    out: dict[str, Any] = {"reference": cfg.reference, "n_prompts": n_prompts, "sample_seeds": list(cfg.sample_seeds),
+                           "confidence": cfg.confidence, "bootstrap": cfg.bootstrap, "models": {}, "pairs": []}
+    for metric in per_sample:
+        higher = bool(getattr(metrics[metric], "higher_is_better", True))
+        for model in models:
+            entry = out["models"].setdefault(model, {})
+            entry[metric] = intervals(table(model, metric))
+            seeds = sorted({r["train_seed"] for r in per_prompt if r["model"] == model and r["train_seed"] is not None})
+            if len(seeds) > 1:
+                entry[f"{metric}_train_seed_spread"] = spread([float(np.nanmean(table(model, metric, s))) for s in seeds])
+        for a, b in pairs:
+            diff = intervals(table(a, metric), table(b, metric))
+            if not diff:
+                continue
+            verdicts = {k: verdict(Interval(**v), higher) for k, v in diff.items()}
+            out["pairs"].append({"a": a, "b": b, "metric": metric, "difference": diff, "verdict": verdicts})
+    macs = {}
+    for r in rows:
+        macs.setdefault(r["model"], []).append(r["mean_macs_ratio"])
+    out["deployed_macs"] = {m: float(np.mean(v)) for m, v in macs.items()}
+    if cfg.budget is not None:
+        out["budget"] = cfg.budget
+        out["budget_mismatch"] = {m: round(v - cfg.budget, 4) for m, v in out["deployed_macs"].items()
+                                  if m != "dense" and abs(v - cfg.budget) > 0.01}
+    return out
 
 
 def _backbone_section(run_dir: Path) -> Any:
@@ -218,6 +399,7 @@ class ComparisonConfig:
 
     name: str = "comparison"
     base: str = "world"  # the experiment every cell starts from (name or YAML path)
+    seeds: list[int] = field(default_factory=list)  # training seeds: each cell runs once per seed
     output_dir: str = "runs/${name}"
     cells: dict[str, list[str]] = field(default_factory=dict)  # cell name -> overrides of the base
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -5,6 +5,10 @@
     out.images      # in the input order
     out.expert_ids  # (B,) the expert each prompt ran on
 
+Seeds follow diffusers' conventions: ``generator`` is one generator (noise drawn for the whole list
+in input order) or a list with one per prompt (each prompt's noise from its own generator, so an
+image does not depend on the batch it was generated in); ``latents=`` gives the initial noise.
+
 The text encoder and VAE (``modules``) are shared by every expert; experts are kept resident or
 loaded lazily (a value of ``experts`` may be a zero-argument loader instead of a module).
 """
@@ -118,14 +122,15 @@ class RoutedPipeline:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str] | str, num_inference_steps: int = 25, guidance_scale: float = 1.0,
-                 generator: torch.Generator | None = None,
-                 output_type: Literal["pil", "pt", "np"] = "pil") -> RoutedOutput:
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 output_type: Literal["pil", "pt", "np"] = "pil", latents: torch.Tensor | None = None) -> RoutedOutput:
         prompts = check_prompts(prompts)
         expert_ids = self.route(prompts)  # (B,)
         shape = (len(prompts), *self.backbone.conditioning().sample_shape)
-        # Initial noise is drawn for all prompts in input order, so an image does not depend on
-        # which other prompts share its batch.
-        latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
+        latents = initial_noise(shape, generator, latents)  # (B, C, H, W), input order
+        # a list of generators seeds the initial noise only; a stochastic scheduler's step noise then
+        # comes from the global RNG (diffusers' deterministic samplers, e.g. DDIM, draw none)
+        generator = generator if isinstance(generator, torch.Generator) else None
         images: torch.Tensor | None = None
         for k in expert_ids.unique().tolist():
             idx = (expert_ids == k).nonzero().flatten()  # prompts of expert k, input order
@@ -141,6 +146,28 @@ class RoutedPipeline:
                 images[chunk] = out
         assert images is not None
         return RoutedOutput(to_output_type(images, output_type), expert_ids)
+
+
+def initial_noise(shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                  latents: torch.Tensor | None = None) -> torch.Tensor:
+    """The initial noise (B, ...) of a batch: ``latents`` when given (checked), else drawn from one
+    generator for the whole batch, or from one generator per prompt (a list of B generators)."""
+    if latents is not None:
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"latents must have shape {tuple(shape)} (one per prompt), got {tuple(latents.shape)}.")
+        return latents
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
+    generators = list(generator)
+    if len(generators) != shape[0]:
+        raise ValueError(f"got {len(generators)} generators for {shape[0]} prompts; pass one per prompt or a single one.")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device).cpu() for g in generators])
+
+
+def prompt_noise(shape: tuple[int, ...], seeds: Sequence[int]) -> torch.Tensor:
+    """Initial noise (B, ...) where row i depends only on ``seeds[i]`` (CPU generator): the same
+    prompt and seed get the same noise in every model and in every batch."""
+    return initial_noise(shape, [torch.Generator().manual_seed(int(s)) for s in seeds])
 
 
 def to_output_type(images: torch.Tensor, output_type: str) -> Any:

@@ -50,34 +50,101 @@ def _latency(row: dict[str, Any], key: str) -> float | None:
     return float(np.average(lat, weights=w))
 
 
+def _ci(entry: Mapping[str, Any] | None) -> str:
+    """'0.812 [0.770, 0.851]' from an interval dict (see aptp.stats.Interval)."""
+    if not entry:
+        return "–"
+    return f"{entry['estimate']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def _protocol(prompts, cfg, stats: Mapping[str, Any]) -> list[str]:
+    kinds = sorted(set(prompts.kinds)) if prompts.kinds else []
+    per_kind = (", ".join(f"{k} {prompts.kinds.count(k)}" for k in kinds)) if kinds else "not stratified"
+    return [f"**Protocol.** {len(prompts.prompts)} held-out prompts ({per_kind}; prompt seed {cfg.seed}), each generated "
+            f"with {len(cfg.sample_seeds)} sampling seeds {list(cfg.sample_seeds)} from the same initial noise in every "
+            f"model, {cfg.steps} {'DDIM (deterministic)' if cfg.sampler == 'ddim' else 'backbone-scheduler'} steps, "
+            f"guidance {cfg.guidance_scale}. Per-prompt scores are averaged over the sampling seeds; intervals are "
+            f"{cfg.confidence:.0%} percentile-bootstrap intervals over prompts ({cfg.bootstrap} resamples, stratified by "
+            "kind); a difference is called better or worse only when its paired interval excludes zero. Latency: "
+            f"{cfg.latency_rounds} interleaved rounds x {cfg.latency_repeats} calls of every model, "
+            f"{cfg.latency_threads} torch thread(s), thread CPU time on CPU (CUDA events on a GPU); 'routed' times "
+            "one denoising step of the real routed groups of a mixed batch of evaluation prompts. Per-prompt rows: "
+            "`per_prompt.jsonl`.", ""]
+
+
 def write_report(out_dir: Path, results: Mapping[str, dict[str, Any]], prompts, cfg,
-                 summaries: Mapping[str, Any]) -> Path:
+                 summaries: Mapping[str, Any], stats: Mapping[str, Any]) -> Path:
     plt = _plt()
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     rows = [r["row"] for r in results.values()]
     metric_keys = [m for m in cfg.metrics if any(m in r for r in rows)]
+    set_metrics = [m for m in metric_keys if not any(m in e for e in stats["models"].values())]
+    interval_metrics = [m for m in metric_keys if m not in set_metrics]
     lat_keys = [f"step_ms_b{b}" for b in cfg.latency_batch_sizes]
-    dense = results["dense"]["row"]
+    big = cfg.latency_batch_sizes[-1]
+    ref = stats["reference"]
 
-    lines = [f"# Comparison: {', '.join(results)}", "",
-             f"{len(prompts.prompts)} held-out prompts, {cfg.steps} denoising steps, guidance {cfg.guidance_scale}, "
-             f"seed {cfg.seed}. Latency: median of {cfg.latency_repeats} denoiser calls per expert, weighted by "
-             "how many evaluation prompts each expert served; measured on this machine's CPU.", "",
-             ]
-    header = (["model", "experts", "mean kept MACs", *metric_keys]
-              + [f"ms/step (batch {b})" for b in cfg.latency_batch_sizes]
-              + [f"latency vs dense (batch {cfg.latency_batch_sizes[-1]})", "s/image"])
+    lines = [f"# Comparison: {', '.join(dict.fromkeys(r['model'] for r in rows))}", ""] + _protocol(prompts, cfg, stats)
+    verdict_of = {(p["a"], p["b"], p["metric"]): p for p in stats["pairs"]}
+    header = ["model", "train seeds", "experts", "deployed mean kept MACs"]
+    for m in interval_metrics:
+        header += [f"{m} [95% CI]", f"Δ vs {ref} [95% CI]", "verdict"]
+    header += [*set_metrics, f"routed ms/step b{big} median [IQR]", f"vs {ref}"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        lats = [_latency(r, k) for k in lat_keys]
-        rel = lats[-1] / _latency(dense, lat_keys[-1]) if lats and lats[-1] else None
-        cells = [r["model"], r["num_experts"], r.get("mean_macs_ratio"), *[r.get(m) for m in metric_keys],
-                 *lats, rel, r["seconds_per_image"]]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mrows = [r for r in rows if r["model"] == model]
+        seeds = [r["train_seed"] for r in mrows if r.get("train_seed") is not None]
+        cells = [model, ",".join(map(str, seeds)) or "–", mrows[0]["num_experts"],
+                 stats["deployed_macs"].get(model)]
+        for m in interval_metrics:
+            p = verdict_of.get((model, ref, m))
+            cells += [_ci(stats["models"].get(model, {}).get(m, {}).get("all")),
+                      _ci(p["difference"]["all"]) if p else "–", p["verdict"]["all"] if p else "–"]
+        cells += [float(np.mean([r[m] for r in mrows])) for m in set_metrics]
+        lat = [r[f"routed_ms_b{big}"] for r in mrows if f"routed_ms_b{big}" in r]
+        cells += [f"{np.mean([l['median_ms'] for l in lat]):.2f} [{np.mean([l['p25_ms'] for l in lat]):.2f}–"
+                  f"{np.mean([l['p75_ms'] for l in lat]):.2f}]" if lat else "–",
+                  np.mean([r[f"latency_vs_reference_b{big}"] for r in mrows]) if lat else None]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
-    lines += ["", _verdict(rows, metric_keys), ""]
-    if len(rows) >= 3:
+    lines.append("")
+    if stats.get("budget") is not None:
+        mism = stats.get("budget_mismatch") or {}
+        lines += [f"Budget {stats['budget']:.2f} of the dense MACs (deployed, +-0.01): "
+                  + ("every pruned model meets it." if not mism else
+                     "**mismatch** " + ", ".join(f"{m} {d:+.3f}" for m, d in mism.items())
+                     + " (compare these models with that in mind)."), ""]
+    if set_metrics:
+        lines += [f"{', '.join(set_metrics)}: set-level values over all images of all sampling seeds (no interval: "
+                  "a set-level metric has no per-prompt value to pair).", ""]
+    for m in interval_metrics:
+        kinds = [k for k in next(iter(stats["models"].values())).get(m, {}) if k != "all"]
+        if kinds:
+            lines += [f"### {m} per kind (mean [95% CI]; Δ vs {ref} [95% CI], verdict)", "",
+                      "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+            for model, entry in stats["models"].items():
+                p = verdict_of.get((model, ref, m))
+                cells = []
+                for k in kinds:
+                    text = _ci(entry.get(m, {}).get(k))
+                    if p and k in p["difference"]:
+                        text += f"; Δ {_ci(p['difference'][k])} {p['verdict'][k]}"
+                    cells.append(text)
+                lines.append(f"| {model} | " + " | ".join(cells) + " |")
+            lines.append("")
+        extra = [p for p in stats["pairs"] if p["b"] != ref and p["metric"] == m]
+        if extra:
+            lines += [f"### Pairs on {m}", "", "| a | b | Δ (a − b) [95% CI] | verdict for a |", "|---|---|---|---|"]
+            lines += [f"| {p['a']} | {p['b']} | {_ci(p['difference']['all'])} | {p['verdict']['all']} |" for p in extra]
+            lines.append("")
+        spreads = {model: e[f"{m}_train_seed_spread"] for model, e in stats["models"].items()
+                   if f"{m}_train_seed_spread" in e}
+        if spreads:
+            lines += [f"Spread of {m} over training seeds: " + "; ".join(
+                f"{model} {v['min']:.3f}–{v['max']:.3f} (sd {v['std']:.3f}, {v['n']} seeds)"
+                for model, v in spreads.items()), ""]
+    if len(set(r["model"] for r in rows)) >= 3:
         lines += _tradeoff_figures(plt, fig_dir, rows, metric_keys, lat_keys)
 
     routed = [name for name, r in results.items() if r["row"]["num_experts"] > 1 or name != "dense"]
@@ -152,26 +219,3 @@ def _tradeoff_figures(plt, fig_dir: Path, rows, metric_keys, lat_keys) -> list[s
     plt.close(fig)
     out += ["![quality and latency against kept MACs](figures/tradeoffs.png)", ""]
     return out
-
-
-def _verdict(rows: list[dict[str, Any]], metric_keys: list[str]) -> str:
-    """One measured sentence per other pruned model: who is better on each metric, against the first."""
-    from aptp.core.plugins import default_registry
-
-    pruned = [r for r in rows if r["model"] != "dense"]
-    if len(pruned) < 2:
-        return ""
-    registry = default_registry()
-    a, sentences = pruned[0], []
-    for b in pruned[1:]:
-        out = []
-        for m in metric_keys:
-            if a.get(m) is None or b.get(m) is None:
-                continue
-            higher = registry["metric"].get(m).factory.higher_is_better if m in registry["metric"] else True
-            better = a if (a[m] > b[m]) == higher else b
-            out.append(f"{m}: **{better['model']}** ({_fmt(a[m])} vs {_fmt(b[m])})")
-        if out:
-            sentences.append(f"- {a['model']} vs {b['model']} at mean kept MACs {_fmt(a.get('mean_macs_ratio'))} vs "
-                             f"{_fmt(b.get('mean_macs_ratio'))}, better on " + "; ".join(out) + ".")
-    return ("Measured:\n" + "\n".join(sentences)) if sentences else ""

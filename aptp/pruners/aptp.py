@@ -63,7 +63,10 @@ class Phase1Weights:
 
 @dataclass
 class Phase2Config:
-    steps: int = 30_000  # fine-tuning steps per expert
+    steps: int = 30_000  # fine-tuning steps per expert (split: per_expert), or in all (split: by_load)
+    # "per_expert" (the paper: every expert gets `steps`) or "by_load": `steps` is the total, shared
+    # out by each expert's routed training load, so a K-expert run costs what one static model costs
+    split: str = "per_expert"
     batch_size: int = 64
     lr: float = 1e-5  # times sqrt(global batch) when scale_lr
     denoise: float = 1.0
@@ -73,6 +76,8 @@ class Phase2Config:
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"phase2 needs steps >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}.")
+        if self.split not in ("per_expert", "by_load"):
+            raise ValueError(f"phase2.split={self.split!r} must be 'per_expert' or 'by_load'.")
 
 
 @dataclass
@@ -134,7 +139,7 @@ class AptpPruner(Pruner):
                 from aptp.routers.ot import OTRouter, OTRouterConfig
 
                 embeddings = ctx.all_embeddings()  # (N, D)
-                router.fit(embeddings)
+                router.fit(embeddings, prompts=ctx.captions)  # keyword rules read the texts
                 with torch.no_grad():
                     ids = router.eval().route(embeddings).expert_ids  # (N,) fixed for the whole run
             codes = bind_seeded(OTRouter(OTRouterConfig(num_experts=router.num_experts)) if fixed else router, ctx)
@@ -252,19 +257,31 @@ class AptpPruner(Pruner):
             with torch.no_grad():
                 router.eval()
                 ids = router.route(ctx.all_embeddings()).expert_ids  # (N,) inference routing
-        summary: dict[str, Any] = {"routed_load": torch.bincount(ids, minlength=router.num_experts).tolist()}
+        load = torch.bincount(ids, minlength=router.num_experts)  # (K,)
+        steps = expert_steps(p.steps, load) if p.split == "by_load" else [p.steps] * router.num_experts
+        summary: dict[str, Any] = {"routed_load": load.tolist(), "phase2_steps": steps}
         losses = {}
         for k in range(router.num_experts):
             members = (ids == k).nonzero().flatten()
             if len(members) == 0:
                 ctx.log(f"expert {k}: no training prompt is routed to it; fine-tuning on all prompts")
                 members = torch.arange(len(ctx.dataset))
-            losses[k] = ctx.finetune_expert(k, archs[k], members, steps=p.steps, batch_size=p.batch_size,
+            losses[k] = ctx.finetune_expert(k, archs[k], members, steps=steps[k], batch_size=p.batch_size,
                                             lr=p.lr * (math.sqrt(p.batch_size) if self.config.scale_lr else 1.0),
                                             weights=(p.denoise, p.distill, p.block),
                                             resume=self.config.resume)
         summary["phase2_distill_before_after"] = losses
         return summary
+
+
+def expert_steps(total: int, load: torch.Tensor) -> list[int]:
+    """``total`` fine-tuning steps shared out in proportion to each expert's routed load (K,),
+    rounded by largest remainder so they sum to ``total``; an expert with no load gets none."""
+    share = load.double() / load.sum().clamp(min=1) * total  # (K,)
+    steps = share.floor().long()
+    for k in torch.argsort(share - steps, descending=True)[: total - int(steps.sum())].tolist():
+        steps[k] += 1
+    return steps.tolist()
 
 
 def bind_seeded(router, ctx: TrainContext):

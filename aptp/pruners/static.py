@@ -49,7 +49,7 @@ class StaticPruner(Pruner):
             ctx = TrainContext(composition, c.data, Path(output_dir), progress=c.progress,
                                min_snr_gamma=c.min_snr_gamma)
             embeddings = ctx.all_embeddings()  # (N, D)
-            router.fit(embeddings)
+            router.fit(embeddings, prompts=ctx.captions)  # keyword rules read the texts
             router.eval()
             with torch.no_grad():
                 ids = router.route(embeddings).expert_ids  # (N,)

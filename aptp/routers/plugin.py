@@ -22,12 +22,16 @@ def aptp_register_balancers(registry):
 
 @hookimpl
 def aptp_register_routers(registry):
+    from aptp.routers.keyword import KeywordRouter
     from aptp.routers.kmeans import KMeansRouter
     from aptp.routers.nearest import NearestRouter
     from aptp.routers.ot import OTRouter
+    from aptp.routers.random_partition import RandomPartitionRouter
     from aptp.routers.single import SingleRouter
 
     registry.add("ot", OTRouter)
     registry.add("kmeans", KMeansRouter)
     registry.add("nearest", NearestRouter)
     registry.add("single", SingleRouter)
+    registry.add("keyword", KeywordRouter)
+    registry.add("random_partition", RandomPartitionRouter)

@@ -1,0 +1,43 @@
+"""Random-partition router (control): the training prompts are split into K groups of equal size at
+random (seeded), and a prompt is routed to the group of its nearest training prompt.
+
+The control for any routing claim: experts specialised on groups that share nothing but their size.
+``fit(embeddings)`` draws the partition; routing is nearest neighbour (cosine) to the labelled bank,
+as the ``nearest`` router does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from aptp.routers._checks import check_embeddings
+from aptp.routers.nearest import NearestRouter
+
+
+@dataclass
+class RandomPartitionRouterConfig:
+    """K groups of equal size (differing by at most one prompt), drawn with ``seed``."""
+
+    num_experts: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts={self.num_experts} must be >= 1.")
+
+
+class RandomPartitionRouter(NearestRouter):
+    """A seeded random partition of the training prompts into K equal groups; nearest neighbour at inference."""
+
+    config_class = RandomPartitionRouterConfig
+
+    def fit(self, embeddings: torch.Tensor, labels: Any = None, **context: Any) -> None:
+        n = check_embeddings(embeddings).shape[0]
+        if labels is None:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed))  # (N,)
+            labels = torch.empty(n, dtype=torch.long)
+            labels[perm] = torch.arange(n) % self.num_experts  # equal group sizes
+        super().fit(embeddings, labels=labels)
