@@ -3,13 +3,18 @@
 Phase 1 (model weights frozen) trains the router's architecture predictor and its K codes:
 
     z = encoder(prompts)                      # (B, D)   frozen sentence transformer
-    e = router.predict(z)                     # (B, U)   predicted unit logits
+    a = router.normalised_gates(z)            # (B, U)   predicted hard gates / sqrt(group size)
     k = balancer.assign(router.scores(z))     # (B,)     optimal transport: every code in use
     g = router.code_gates(noise=True)[k]      # (B, U)   soft gates of each prompt's code
     student = denoiser(x_t | gates g)         # the same weights gated per sample ...
     teacher = denoiser(x_t | no gates)        # ... and ungated: the dense teacher, no second copy
     L = w_d L_denoise + w_o L_out + w_b L_block + w_r |log(mean r / p)| + w_s (-std r + 1 - max r)
-        + w_c L_contrastive(e, z)             # r = kept-MACs ratio of g, (B,)
+        + w_c L_contrastive(a, z)             # r = kept-MACs ratio of g, (B,)
+
+L_block is averaged over the down/mid/up blocks (as the original); the task terms are assembled by
+:func:`aptp.pruners.objectives.task_losses`, the same function phase 2 uses. The contrastive loss
+compares the architectures routing compares (hard straight-through gates, group-normalised:
+:meth:`OTRouter.normalised_gates`), not the predictor's raw logits.
 
 During the first ``warmup_steps`` the predictor's own soft gates drive the model (no codes, no
 OT). With a router that learns no codes (``kmeans``, ``nearest``, ``single``), that router assigns the prompts
@@ -72,10 +77,13 @@ class Phase2Config:
     denoise: float = 1.0
     distill: float = 0.2
     block: float = 0.2
+    checkpoint_every: int = 100  # fine-tuning steps between an expert's checkpoints (and at its end)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"phase2 needs steps >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}.")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"phase2.checkpoint_every={self.checkpoint_every} must be >= 1.")
         if self.split not in ("per_expert", "by_load"):
             raise ValueError(f"phase2.split={self.split!r} must be 'per_expert' or 'by_load'.")
 
@@ -182,7 +190,6 @@ class AptpPruner(Pruner):
                 else:  # the fixed router's groups are the clusters
                     router.init_codes_from_groups(ctx.all_embeddings()[sample], fixed_ids[sample])
             z = batch.z  # (b, D) local rows
-            e = router.predict(z)  # (b, U)
             with torch.random.fork_rng():  # gate noise depends on (seed, step) only: resumable
                 torch.manual_seed(step_generator(ctx.seed, step, "gates").initial_seed())
                 if warm:  # the predictor's own gates drive the model: no codes, no OT
@@ -198,10 +205,9 @@ class AptpPruner(Pruner):
                     g = router.code_gates(noise=True, hard=False)[expert]  # (b, U) soft, of the routed codes
                     g_deploy = router.code_gates(noise=False, hard=True)[expert]  # (b, U) straight-through
             student, teacher, f_s, f_t = ctx.forward_pair(batch, g)
-            n = c.batch_size  # global batch: every term below is a global mean
-            l_denoise = (O.per_sample_mse(student, batch.target) * batch.snr_weight).sum() / n
-            l_distill = O.per_sample_mse(student, teacher).sum() / n
-            l_block = sum((O.per_sample_mse(s, t).sum() for s, t in zip(f_s, f_t)), torch.zeros(())) / n
+            # global batch: every term is a global mean; block distillation averaged over the blocks
+            task = O.task_losses(student, teacher, batch.target, batch.snr_weight, f_s, f_t,
+                                 global_batch=c.batch_size)
             # Value: the MACs of the architectures that will be cut (deterministic hard gates; the
             # noisy training gates would misstate them). Gradient: that of the noisy soft gates
             # (the deterministic sigmoid is flat far from the threshold, so it could not move units
@@ -211,12 +217,15 @@ class AptpPruner(Pruner):
             r, _ = D.all_gather_rows(r_local)  # (B,) global, gradient through the local rows
             l_res = resource_loss(r, c.target_ratio)
             l_spread = sum(spread_losses(r))
+            # Contrastive loss on the predicted architectures as routing sees them (the original):
+            # hard straight-through gates normalised by group size, not the raw logits e.
+            a = router.normalised_gates(z)  # (b, U)
             # The whole (B, B) similarity structure on every process, gradient through the local
             # rows and columns: summed over processes, that is the exact global gradient.
-            e_all, _ = D.all_gather_rows(e)  # (B, U)
+            a_all, _ = D.all_gather_rows(a)  # (B, U)
             z_all, _ = D.all_gather_rows(z, keep_grad=False)  # (B, D)
-            l_con = contrastive_loss(e_all, z_all, tau=c.contrastive_tau, gather=False)
-            loss = (w.denoise * l_denoise + w.distill * l_distill + w.block * l_block + w.resource * l_res
+            l_con = contrastive_loss(a_all, z_all, tau=c.contrastive_tau, gather=False)
+            loss = (task.weighted(w.denoise, w.distill, w.block) + w.resource * l_res
                     + w.spread * l_spread + w.contrastive * l_con)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -228,7 +237,7 @@ class AptpPruner(Pruner):
                                           minlength=router.num_experts)
                     code_r = ctx.unit_space.macs_ratio(router.architectures())
                     # each process holds its share of the per-sample terms: sum them for the log
-                    parts = D.all_reduce_sum(torch.stack([l_denoise, l_distill, l_block]).detach())
+                    parts = D.all_reduce_sum(task.stacked())
                     l_global = w.resource * l_res + w.spread * l_spread + w.contrastive * l_con  # already global
                     total = float((parts * torch.tensor([w.denoise, w.distill, w.block])).sum() + l_global)
                 last = {"step": step, "loss": total, "denoise": parts[0].item(), "distill": parts[1].item(),
@@ -269,7 +278,7 @@ class AptpPruner(Pruner):
             losses[k] = ctx.finetune_expert(k, archs[k], members, steps=steps[k], batch_size=p.batch_size,
                                             lr=p.lr * (math.sqrt(p.batch_size) if self.config.scale_lr else 1.0),
                                             weights=(p.denoise, p.distill, p.block),
-                                            resume=self.config.resume)
+                                            resume=self.config.resume, checkpoint_every=p.checkpoint_every)
         summary["phase2_distill_before_after"] = losses
         return summary
 

@@ -67,7 +67,7 @@ class StaticPruner(Pruner):
                 losses[k] = ctx.finetune_expert(k, archs[k], members, steps=f.steps, batch_size=f.batch_size,
                                                 lr=f.lr * (math.sqrt(f.batch_size) if c.scale_lr else 1.0),
                                                 weights=(f.denoise, f.distill, f.block), resume=c.resume,
-                                                cut_backend=c.cut_backend)
+                                                cut_backend=c.cut_backend, checkpoint_every=f.checkpoint_every)
             ctx.save_bundle(router, archs)
         ratios = ctx.unit_space.macs_ratio(archs)
         return {"expert_macs_ratios": [round(float(r), 4) for r in ratios],

@@ -268,11 +268,15 @@ class TrainContext:
     # --- experts ---------------------------------------------------------------------------------
     def finetune_expert(self, k: int, arch: torch.Tensor, members: torch.Tensor, steps: int, batch_size: int,
                         lr: float, weights: tuple[float, float, float], resume: bool = True,
-                        cut_backend: str = "aptp") -> list[float]:
+                        cut_backend: str = "aptp", checkpoint_every: int = 100) -> list[float]:
         """Cut expert ``k`` from the dense weights (with ``cut_backend``, see :meth:`cut`), fine-tune
-        it on dataset rows ``members`` with the dense model as teacher, save it under
+        it on dataset rows ``members`` with the dense model as teacher (the loss of
+        :func:`aptp.pruners.objectives.task_losses`, weighted by ``weights`` = (denoise, distill,
+        block)), checkpoint every ``checkpoint_every`` steps and at the end, save it under
         ``experts/expert-k``. Returns the output-distillation loss on a fixed batch of its prompts
         before and after fine-tuning."""
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1.")
         from aptp.pruners.expert import save_expert
 
         final = self.output_dir / "experts" / f"expert-{k}"
@@ -307,11 +311,9 @@ class TrainContext:
             recorder.take()
             pred = self.backbone.denoise(expert, batch.x_t, batch.t, batch.text)
             f_s = recorder.take()
-            n = batch_size
-            l_d = (O.per_sample_mse(pred, batch.target) * batch.snr_weight).sum() / n
-            l_o = O.per_sample_mse(pred, teacher).sum() / n
-            l_b = sum((O.per_sample_mse(s, t).sum() for s, t in zip(f_s, f_t)), torch.zeros(())) / n
-            loss = w_d * l_d + w_o * l_o + w_b * l_b
+            # the same task losses as phase 1 (block distillation averaged over the blocks)
+            task = O.task_losses(pred, teacher, batch.target, batch.snr_weight, f_s, f_t, global_batch=batch_size)
+            loss = task.weighted(w_d, w_o, w_b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if D.is_distributed():
@@ -319,10 +321,10 @@ class TrainContext:
                     if p.grad is not None:
                         dist.all_reduce(p.grad)
             opt.step()
-            log.write({"expert": k, "step": step, "loss": loss.item(), "denoise": l_d.item(),
-                       "distill": l_o.item(), "block": l_b.item()})
-            bar.set_postfix(distill=f"{l_o.item():.4f}")
-            if self.is_main and ((step + 1) % 100 == 0 or step == steps - 1):
+            log.write({"expert": k, "step": step, "loss": loss.item(), "denoise": task.denoise.item(),
+                       "distill": task.distill.item(), "block": task.block.item()})
+            bar.set_postfix(distill=f"{task.distill.item():.4f}")
+            if self.is_main and ((step + 1) % checkpoint_every == 0 or step == steps - 1):
                 save_checkpoint(ckpt_dir, step + 1, {"expert": expert.state_dict(), "opt": opt.state_dict(),
                                                      "rng": rng_state()})
         recorder.remove()

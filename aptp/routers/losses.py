@@ -2,10 +2,14 @@
 
 Contrastive loss (the only loss training the predictor after warm-up), over a batch of B prompts::
 
-    P_arch = softmax(cos(e_i, e_j) / tau)   # (B, B), rows; e = predicted architecture logits
+    P_arch = softmax(cos(e_i, e_j) / tau)   # (B, B), rows; e = predicted architectures
     P_text = softmax(cos(z_i, z_j) / tau)   # (B, B), rows; z = prompt embeddings (constant)
     L = mean_ij [ BCE(P_arch_ij, P_text_ij) - BCE(P_text_ij, P_text_ij) ]
       = mean_ij [ t log(t / p) + (1 - t) log((1 - t) / (1 - p)) ]    p = P_arch_ij, t = P_text_ij
+
+In APTP, e is what routing compares and the original code feeds this loss: the hard
+(straight-through) gates weighted by 1/sqrt(group size) (:meth:`aptp.routers.ot.OTRouter.normalised_gates`),
+not the predictor's raw logits.
 
 i.e. the paper's element-wise binary cross-entropy between the two similarity distributions
 minus the (constant) binary entropy of the target: a sum of Bernoulli KL divergences. Its
@@ -34,7 +38,8 @@ def contrastive_loss(e: torch.Tensor, z: torch.Tensor, tau: float = 0.03, mask_d
                      gather: bool = True) -> torch.Tensor:
     """Bernoulli-KL form of APTP's contrastive loss (see the module doc), a scalar.
 
-    e: architecture logits (B, U) (gradient flows here); z: prompt embeddings (B, D) (constant).
+    e: architecture vectors (B, U) (gradient flows here; APTP passes the group-normalised hard
+    gates); z: prompt embeddings (B, D) (constant).
     ``mask_diagonal`` drops the self-pairs (always the most similar) from both distributions.
     ``gather`` uses the global batch when torch.distributed is initialised.
     """

@@ -30,7 +30,14 @@ UNIT_SPACE_KEY = "unit_space_json"  # uint8 tensor: UnitSpace.to_dict() as UTF-8
 
 @dataclass
 class OTRouterConfig:
-    """APTP's router: predictor + codes, balanced by optimal transport in training."""
+    """APTP's router: predictor + codes, balanced by optimal transport in training.
+
+    Training assignment is the balancer's (``balancer.rounding``): ``argmax`` of the transport plan
+    is the paper's; ``balanced`` (the default, exactly floor/ceil B/K prompts per code) is kept as
+    the default because argmax collapses onto code 0 while the codes tie (the orthogonal init: all
+    codes start fully kept); see :class:`aptp.routers.balancers.SinkhornConfig` for the figures.
+    Both routing and the contrastive loss compare :meth:`OTRouter.normalised_gates`.
+    """
 
     num_experts: int = 8  # K (the paper: 8; 16 for its largest model)
     hidden_dim: Optional[int] = None  # None: linear heads (the paper); else a hidden layer of this width
@@ -176,12 +183,24 @@ class OTRouter(Router):
         """The experts' architectures: deterministic hard code gates, (K, U) float in {0, 1}."""
         return self.code_gates(noise=False, hard=True).detach().clone()
 
+    def normalised_gates(self, z: torch.Tensor, noise: bool = False) -> torch.Tensor:
+        """Predicted architectures as routing compares them, (B, U): the hard (straight-through)
+        gates of prompts ``z`` (B, D), each unit weighted by 1/sqrt(its group's size) so that every
+        fully kept group has norm 1. Also the architecture vector of APTP's contrastive loss (as in
+        the original code), whose gradient reaches the predictor through the straight-through gates."""
+        self._require_bound()
+        return self.predicted_gates(z, noise=noise, hard=True) * self.layout.group_weight.to(self.codes.weight)
+
+    def normalised_code_gates(self, noise: bool = False) -> torch.Tensor:
+        """The codes' hard gates weighted like :meth:`normalised_gates`, (K, U)."""
+        self._require_bound()
+        return self.code_gates(noise=noise, hard=True) * self.layout.group_weight.to(self.codes.weight)
+
     def scores(self, z: torch.Tensor, noise: bool = False) -> torch.Tensor:
         """Cosine similarity (or correlation) of group-normalised hard gates, prompts vs codes, (B, K)."""
         self._require_bound()
-        w = self.layout.group_weight.to(self.codes.weight)  # (U,)
-        g_pred = self.predicted_gates(z, noise=noise) * w  # (B, U)
-        g_code = self.code_gates(noise=noise) * w  # (K, U)
+        g_pred = self.normalised_gates(z, noise=noise)  # (B, U)
+        g_code = self.normalised_code_gates(noise=noise)  # (K, U)
         if self.config.similarity == "correlation":
             g_pred = g_pred - g_pred.mean(dim=-1, keepdim=True)
             g_code = g_code - g_code.mean(dim=-1, keepdim=True)

@@ -43,3 +43,21 @@ def test_kmeans_code_init_puts_codes_at_cluster_centres():
     raw = router.predictor(z)
     for k in (0, 1):
         torch.testing.assert_close(router.codes.weight[k], raw[labels == k].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_normalised_gates_are_what_routing_compares_and_carry_a_gradient():
+    """The contrastive loss's architecture vector (issue 15): hard gates / sqrt(group size)."""
+    torch.manual_seed(0)
+    router = OTRouter(OTRouterConfig(num_experts=3)).bind(_space(), 4)
+    with torch.no_grad():
+        router.predictor.heads.bias.copy_(torch.randn(32) * 6)
+    z = torch.randn(5, 4)
+    a = router.normalised_gates(z)  # (5, 32)
+    hard = router.predicted_gates(z, hard=True)
+    assert set(hard.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(a, hard / 8 ** 0.5)  # every group here has 8 units
+    codes = router.normalised_code_gates()
+    expected = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(codes, dim=-1).T
+    torch.testing.assert_close(router.scores(z), expected)
+    a.sum().backward()  # straight-through: the predictor gets a gradient
+    assert router.predictor.heads.weight.grad is not None and router.predictor.heads.weight.grad.abs().sum() > 0
