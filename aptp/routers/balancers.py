@@ -121,7 +121,19 @@ class _Rounded(Balancer):
 # ---------------------------------------------------------------------------------- sinkhorn
 @dataclass
 class SinkhornConfig:
-    """Fixed-iteration Sinkhorn-Knopp (SwAV / the paper)."""
+    """Fixed-iteration Sinkhorn-Knopp (SwAV / the paper).
+
+    ``rounding`` turns the plan into one expert per prompt: ``"argmax"`` is the paper's (each
+    prompt takes the argmax of its row of the plan); ``"balanced"`` (the default) gives every
+    expert floor(B/K) or ceil(B/K) prompts. The default stays ``balanced`` because the paper's
+    argmax collapses when the codes tie, as they do at the paper's orthogonal initialisation (every
+    code starts fully kept): measured on the ``smoke`` experiment (K=4, B=8, orthogonal init),
+    argmax sent all 8 prompts to code 0 on every step after warm-up, while balanced gave 2 each.
+    With codes that start apart (``world``: ``init_codes: kmeans``, 120 steps) argmax works: loads
+    between 1 and 5 of 8 per step, no code starved, mean ratio 0.596, codes 0.64/0.61/0.54/0.65
+    (balanced: 0.66/0.52/0.53/0.69). Balanced rounding gives every code the same share of the
+    resource gradient on every step; argmax lets the loads follow the plan.
+    """
 
     eps: float = 0.05  # entropic regularisation: q ~ exp(scores / eps)
     iterations: int = 3  # Sinkhorn-Knopp iterations (the paper: 3); the minimum with a tolerance
