@@ -63,6 +63,7 @@ class EvalConfig:
     latency_repeats: int = 2  # calls per model and round
     latency_threads: int = 1  # torch threads while timing on CPU
     grid_per_expert: int = 8  # images per expert in the report's grids
+    note: Optional[str] = None  # a sentence the report shows under its title (e.g. "reduced protocol")
 
     def __post_init__(self) -> None:
         if min(self.num_prompts, self.prompts_per_kind, self.steps, self.batch_size, self.latency_rounds,

@@ -86,7 +86,8 @@ def write_report(out_dir: Path, results: Mapping[str, dict[str, Any]], prompts, 
     big = cfg.latency_batch_sizes[-1]
     ref = stats["reference"]
 
-    lines = [f"# Comparison: {', '.join(dict.fromkeys(r['model'] for r in rows))}", ""] + _protocol(prompts, cfg, stats)
+    lines = [f"# Comparison: {', '.join(dict.fromkeys(r['model'] for r in rows))}", ""]
+    lines += ([f"_{cfg.note}_", ""] if cfg.note else []) + _protocol(prompts, cfg, stats)
     verdict_of = {(p["a"], p["b"], p["metric"]): p for p in stats["pairs"]}
     header = ["model", "train seeds", "experts", "deployed mean kept MACs"]
     for m in interval_metrics:
@@ -185,6 +186,17 @@ def write_report(out_dir: Path, results: Mapping[str, dict[str, Any]], prompts, 
                       "Spearman rank correlation between caption difficulty and the kept MACs of the assigned "
                       f"expert: {_fmt(rho)} (p = {_fmt(row.get('difficulty_vs_macs_p'))})." if rho is not None
                       else "All experts have the same size: no difficulty-to-size relation to measure.", ""]
+        if prompts.kinds and row["num_experts"] > 1:
+            kinds = sorted(set(prompts.kinds))
+            lines += ["| kind | " + " | ".join(f"expert {k}" for k in range(row["num_experts"]))
+                      + " | mean kept MACs |", "|---|" + "---|" * (row["num_experts"] + 1)]
+            for kind in kinds:
+                sel = torch.tensor([k == kind for k in prompts.kinds])
+                counts = torch.bincount(ids[sel], minlength=row["num_experts"]).tolist()
+                macs = (float(torch.tensor(row["expert_macs_ratios"])[ids[sel]].mean())
+                        if row.get("expert_macs_ratios") else None)
+                lines.append(f"| {kind} | " + " | ".join(map(str, counts)) + f" | {_fmt(macs)} |")
+            lines += ["", "Evaluation prompts of each kind per expert (inference routing).", ""]
         for k in range(row["num_experts"]):
             idx = (ids == k).nonzero().flatten()[: cfg.grid_per_expert]
             if len(idx) == 0:

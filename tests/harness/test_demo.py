@@ -9,7 +9,8 @@ from aptp.cli import main
 
 SHORT = ["aptp.pruner.steps=4", "aptp.pruner.warmup_steps=2", "aptp.pruner.phase2.steps=2",
          "aptp.pruner.data.num_samples=64", "static.pruner.finetune.steps=4", "static.pruner.data.num_samples=64",
-         "eval.num_prompts=8", "eval.steps=3", "eval.latency_repeats=1", "eval.latency_batch_sizes=[2]"]
+         "eval.prompts_per_kind=3", "eval.sample_seeds=[0]", "eval.steps=3", "eval.latency_rounds=1",
+         "eval.latency_repeats=1", "eval.latency_batch_sizes=[2]"]
 
 
 @pytest.mark.slow
@@ -27,3 +28,12 @@ def test_short_demo_writes_the_whole_report(tmp_path):
         assert (out / "figures" / name).stat().st_size > 1000, name
         assert f"figures/{name}" in report
     assert "| dense |" in report and "| aptp |" in report and "| static |" in report
+    # the paired protocol's outputs: intervals in the report, one row per model, prompt and seed
+    assert "Reduced protocol" in report and "[95% CI]" in report and "per kind" in report
+    records = [json.loads(line) for line in (out / "per_prompt.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 9  # 3 models x 3 kinds x 3 prompts x 1 sampling seed
+    keys = {"model", "prompt", "kind", "difficulty", "sample_seed", "train_seed", "expert", "kept_macs",
+            "world_accuracy"}
+    assert all(keys <= set(r) for r in records)
+    assert {r["kind"] for r in records} == {"plain", "placed", "glyph"}
+    assert all(0.0 <= r["world_accuracy"] <= 1.0 and 0.0 < r["kept_macs"] <= 1.0 for r in records)
