@@ -138,12 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compare", help="run compositions and compare them with the dense model on the same prompts",
-        description="Run every composition (cell) of a comparison file (configs/comparison/NAME.yaml), "
-        "skipping cells that finished before, then generate the same held-out prompts with the dense model "
-        "and each pruned model and write report.md (quality, kept MACs, latency, image grids, figures).")
+        description="Run every composition (cell) of a comparison file (configs/comparison/NAME.yaml), once per "
+        "training seed in its `seeds`, skipping cells that finished before from the same config (a changed "
+        "cell is refused). Then every model generates the same held-out prompts (stratified by kind) from the "
+        "same initial noise under each of eval.sample_seeds, with a deterministic sampler, and the command "
+        "writes report.md (means with 95% bootstrap intervals, paired differences against eval.reference and "
+        "eval.pairs with a verdict only where the interval excludes zero, deployed kept MACs, interleaved "
+        "latency, routing by kind, image grids), results.json and per_prompt.jsonl (one row per model, prompt, "
+        "sampling seed and training seed).")
     p.add_argument("comparison", metavar="COMPARISON", help="a YAML path or a name under configs/comparison/")
     p.add_argument("overrides", nargs="*", metavar="OVERRIDE",
-                   help="eval.KEY=VALUE (e.g. eval.num_prompts=16), or CELL.KEY=VALUE for one cell "
+                   help="eval.KEY=VALUE (e.g. eval.prompts_per_kind=16, eval.sample_seeds=[0,1]), seeds=[0,1] "
+                   "(training seeds), or CELL.KEY=VALUE for one cell "
                    "(e.g. aptp.pruner.steps=50)")
     p.add_argument("--output-dir", metavar="DIR", help="default: the comparison's output_dir (runs/<name>)")
     p.set_defaults(func=_cmd_compare)
