@@ -1,5 +1,6 @@
-"""Random-partition router (control): the training prompts are split into K groups of equal size at
-random (seeded), and a prompt is routed to the group of its nearest training prompt.
+"""Random-partition router (control): the distinct training prompts are split into K groups of equal
+size at random (seeded), and a prompt is routed to the group of its nearest training prompt.
+Repeated prompts (identical embeddings) belong to one group: a prompt has one expert.
 
 The control for any routing claim: experts specialised on groups that share nothing but their size.
 ``fit(embeddings)`` draws the partition; routing is nearest neighbour (cosine) to the labelled bank,
@@ -35,9 +36,12 @@ class RandomPartitionRouter(NearestRouter):
     config_class = RandomPartitionRouterConfig
 
     def fit(self, embeddings: torch.Tensor, labels: Any = None, **context: Any) -> None:
-        n = check_embeddings(embeddings).shape[0]
-        if labels is None:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed))  # (N,)
-            labels = torch.empty(n, dtype=torch.long)
-            labels[perm] = torch.arange(n) % self.num_experts  # equal group sizes
-        super().fit(embeddings, labels=labels)
+        z = check_embeddings(embeddings)
+        if labels is not None:
+            return super().fit(z, labels=labels)
+        distinct = torch.unique(z.detach().to(torch.float32), dim=0)  # (M, D): one row per distinct prompt
+        m = distinct.shape[0]
+        perm = torch.randperm(m, generator=torch.Generator().manual_seed(self.config.seed))  # (M,)
+        groups = torch.empty(m, dtype=torch.long)
+        groups[perm] = torch.arange(m) % self.num_experts  # equal group sizes over distinct prompts
+        super().fit(distinct, labels=groups)
