@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                    help="axes of the grid; each KEY is a slot (preset choice) or a dotted key")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides applied to every cell first")
-    p.add_argument("--eval", nargs="*", metavar="KEY=VALUE", help="evaluation settings (num_prompts=16 steps=10 ...)")
+    p.add_argument("--eval", nargs="*", metavar="KEY=VALUE", help="evaluation settings (prompts_per_kind=16 sample_seeds=[0,1] steps=10 ...; see aptp.harness.EvalConfig)")
     p.add_argument("--name", help="name of the ablation (default: EXPERIMENT-ablation)")
     p.add_argument("--output-dir", metavar="DIR", help="default: runs/<name>")
     p.set_defaults(func=_cmd_ablate)

@@ -48,7 +48,8 @@ def test_ablate_runs_a_grid_of_routers_and_granularities(tmp_path, capsys):
     out = tmp_path / "abl"
     args = ["ablate", "smoke", "--grid", "router=ot,kmeans,nearest", "granularity=width,depth",
             "--set", "backbone.resolution=16", "pruner.progress=false",
-            "--eval", "num_prompts=4", "steps=2", "metrics=[]", "latency_batch_sizes=[2]", "latency_repeats=1",
+            "--eval", "prompts_per_kind=2", "sample_seeds=[0]", "steps=2", "metrics=[]", "latency_batch_sizes=[2]",
+            "latency_rounds=1", "latency_repeats=1",
             "grid_per_expert=2", "--output-dir", str(out)]
     assert main(args) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
