@@ -261,6 +261,12 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
     out_dir.mkdir(parents=True, exist_ok=True)
     if "dense" in cells:
         raise ValueError("a cell may not be named 'dense': that name is the unpruned reference model.")
+    unknown = [m for m in [cfg.reference, *(x for p in cfg.pairs for x in p.split(":"))] if m != "dense" and m not in cells]
+    if unknown:
+        from aptp.core.errors import ConfigError
+
+        raise ConfigError(f"eval.reference / eval.pairs name {sorted(set(unknown))}, which are not cells of this "
+                         f"comparison; use 'dense' or one of {list(cells)}.")
     runs: dict[tuple[str, int | None], Path] = {}
     summaries: dict[str, Any] = {}
     jobs = [(name, s) for name in cells for s in (list(seeds) or [None])]
@@ -308,7 +314,7 @@ def paired_summary(per_prompt: Sequence[Mapping[str, Any]], rows: Sequence[Mappi
     from aptp.stats import Interval, bootstrap_mean, spread, verdict
 
     models = list(dict.fromkeys(r["model"] for r in per_prompt))
-    per_sample = [m for m in metrics if any(m in r for r in per_prompt[:1])]
+    per_sample = [m for m in metrics if m in per_prompt[0]]  # metrics with a value per image
     n_prompts = max(r["prompt_index"] for r in per_prompt) + 1
     kinds = [None] * n_prompts
     for r in per_prompt:

@@ -109,3 +109,12 @@ def test_same_model_ties_and_a_damaged_model_is_significantly_worse():
     assert pairs["copy"]["verdict"]["all"] == "no significant difference"
     assert stats["models"]["dense"]["world_accuracy"]["all"]["estimate"] >= 0.6
     assert pairs["damaged"]["verdict"]["all"] == "worse", pairs["damaged"]["difference"]["all"]
+
+
+def test_pairs_must_name_models_of_the_comparison(tmp_path):
+    from aptp.harness import compare
+
+    cfg = EvalConfig(pairs=["aptp:statik"])
+    with pytest.raises(ValueError, match="statik"):
+        compare("smoke", {"aptp": [], "static": []}, cfg, tmp_path / "c", progress=False)
+    assert not (tmp_path / "c" / "cells").exists()  # refused before any cell ran
