@@ -57,6 +57,11 @@ class ExperimentSettings:
     output_dir: str = "runs/${name}"
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        from aptp.core import values
+
+        values.device("device", self.device)
+
 
 def config_search_path(extra: Sequence[str | Path] = ()) -> list[Path]:
     """Folders searched for ``<kind>/<preset>.yaml``, first match wins: ``extra``, the folders in

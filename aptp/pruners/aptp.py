@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from aptp.core import values
 from aptp.core.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aptp.core.rundir import open_run
 from aptp.core.interfaces import Pruner
@@ -65,6 +66,9 @@ class Phase1Weights:
     spread: float = 0.1  # each of -std(r) and 1 - max(r)
     contrastive: float = 100.0
 
+    def __post_init__(self) -> None:
+        values.weights("weights.", self, ("denoise", "distill", "block", "resource", "spread", "contrastive"))
+
 
 @dataclass
 class Phase2Config:
@@ -80,6 +84,8 @@ class Phase2Config:
     checkpoint_every: int = 100  # fine-tuning steps between an expert's checkpoints (and at its end)
 
     def __post_init__(self) -> None:
+        values.positive("phase2.lr", self.lr, "(the paper: 1e-5, times sqrt(batch) with scale_lr)")
+        values.weights("phase2.", self, ("denoise", "distill", "block"))
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"phase2 needs steps >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}.")
         if self.checkpoint_every < 1:
@@ -118,6 +124,14 @@ class AptpPrunerConfig:
             raise ValueError(f"target_ratio={self.target_ratio} must be in (0, 1] (the paper: 0.6 to 0.85).")
         if self.steps < 0 or not 0 <= self.warmup_steps:
             raise ValueError(f"steps={self.steps} and warmup_steps={self.warmup_steps} must be >= 0.")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be <= steps={self.steps} (phase 1 would "
+                             "never reach the codes); lower warmup_steps or raise steps.")
+        values.positive("lr", self.lr, "(the paper: 2e-4, times sqrt(batch) with scale_lr)")
+        values.non_negative("weight_decay", self.weight_decay)
+        values.positive("contrastive_tau", self.contrastive_tau, "(the paper: 0.03)")
+        if self.min_snr_gamma is not None:
+            values.non_negative("min_snr_gamma", self.min_snr_gamma, "(e.g. 5; 0 or null switches Min-SNR weighting off)")
         if self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("batch_size, checkpoint_every and log_every must be >= 1.")
         if self.init_codes not in ("orthogonal", "kmeans"):

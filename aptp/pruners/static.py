@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from aptp.core import values
 from aptp.core.interfaces import AssignmentContext, Pruner
 from aptp.core.rundir import open_run
 from aptp.pruners.aptp import Phase2Config
@@ -33,6 +34,7 @@ class StaticPrunerConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.target_ratio <= 1.0:
             raise ValueError(f"target_ratio={self.target_ratio} must be in (0, 1].")
+        values.non_negative("min_snr_gamma", self.min_snr_gamma, "(e.g. 5; 0 switches Min-SNR weighting off)")
         check_cut_backend(self.cut_backend)
 
 

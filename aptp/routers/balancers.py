@@ -143,8 +143,8 @@ class SinkhornConfig:
     rounding: str = "balanced"  # hard assignment: "balanced" or "argmax" (the paper)
 
     def __post_init__(self) -> None:
-        if not self.eps > 0:
-            raise ValueError(f"eps={self.eps} must be > 0 (the paper uses 0.05).")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps={self.eps} must be a finite number > 0 (the paper uses 0.05).")
         if self.iterations < 1:
             raise ValueError(f"iterations={self.iterations} must be >= 1 (the paper uses 3).")
         if self.tolerance is not None and not self.tolerance > 0:

@@ -43,6 +43,9 @@ class SentenceTransformerConfig:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1 (e.g. 64).")
         if self.cache_size < 0:
             raise ValueError(f"cache_size={self.cache_size} must be >= 0 (0 disables the cache).")
+        from aptp.core import values
+
+        values.device("encoder.device", self.device)
 
 
 def resolve_model_path(model: str | None) -> str:

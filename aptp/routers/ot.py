@@ -53,8 +53,10 @@ class OTRouterConfig:
             raise ValueError(f"num_experts={self.num_experts} must be >= 1 (the paper uses 8).")
         if self.hidden_dim is not None and self.hidden_dim < 1:
             raise ValueError(f"hidden_dim={self.hidden_dim} must be >= 1, or null for linear heads.")
-        if not self.tau > 0:
-            raise ValueError(f"tau={self.tau} must be > 0 (the paper uses 0.4).")
+        from aptp.core import values
+
+        values.positive("tau", self.tau, "(the Gumbel-sigmoid temperature; the paper uses 0.4)")
+        values.finite("offset", self.offset, "(the Gumbel-sigmoid offset, e.g. 3.0)")
         if self.similarity not in ("cosine", "correlation"):
             raise ValueError(f"similarity={self.similarity!r} must be 'cosine' (the paper) or 'correlation'.")
 
