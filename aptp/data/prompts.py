@@ -68,6 +68,35 @@ def _delimiter(path: Path, first_line: str) -> str | None:
     return None
 
 
+def _read_rows(path: Path, text: str, delim: str) -> list[list[str]]:
+    """The rows of a TSV (no quote processing) or CSV (standard quoting, strict). A CSV record that
+    spans lines, or quoting the reader rejects, is refused with its line number: one stray quote
+    would otherwise swallow every following row into one prompt."""
+    quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, quoting=quoting, strict=True)
+    rows: list[list[str]] = []
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as exc:
+            raise PromptFileError(
+                f"prompt table {path}, line {start}: malformed quoting ({exc}); a field that starts with \" must "
+                'end with " before the next comma, and a " inside a quoted field is written "". Fix the '
+                "quotes, or save the file as .tsv (read without quote processing)."
+            ) from None
+        if reader.line_num > start and any("\n" in f or "\r" in f for f in row):
+            raise PromptFileError(
+                f"prompt table {path}, line {start}: a quoted field runs on to line {reader.line_num}, so rows "
+                f"{start} to {reader.line_num} would become one prompt; a stray \" there? Close the quote on its "
+                'line or write a literal quote as "" inside a quoted field (or save the file as .tsv).'
+            )
+        rows.append(row)
+        start = reader.line_num + 1
+
+
 def read_prompt_table(path: str | Path) -> PromptTable:
     """Prompts and label columns of a prompt file (see the module doc)."""
     path = Path(path).expanduser()
@@ -78,8 +107,7 @@ def read_prompt_table(path: str | Path) -> PromptTable:
     if delim is None:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
         return PromptTable(prompts)
-    quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
-    rows = list(csv.reader(io.StringIO(text), delimiter=delim, quoting=quoting))
+    rows = _read_rows(path, text, delim)
     header = [h.strip() for h in rows[0]]
     lower = [h.lower() for h in header]
     if PROMPT_COLUMN not in lower:
