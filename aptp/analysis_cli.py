@@ -96,7 +96,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         out_dir = Path(args.out) if args.out else Path(args.router_dir) / "analysis"
         report = write_report(result, out_dir)
     except (AptpError, FileNotFoundError) as exc:
-        print(f"aptp analyze: error: {exc}", file=sys.stderr)
+        print(f"aptp analyze: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(f"{result.router} router, K={result.num_experts}, {result.num_prompts} prompts")
     if result.mean_kept is not None:

@@ -190,14 +190,39 @@ def _version() -> str:
     return __version__
 
 
+#: Set to 1 to see the traceback of an error the CLI reports in one line.
+DEBUG_ENV = "APTP_DEBUG"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command. A user-caused error (aptp's own errors, a missing file, an unreadable
+    or unwritable path, a malformed value) ends in one line ``aptp COMMAND: error: ...`` and exit
+    code 2, with no traceback unless ``APTP_DEBUG=1``; anything else (a bug) propagates."""
+    import os
+    import traceback
+
     from aptp.core.errors import AptpError
 
     args = build_parser().parse_args(argv)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
     except (AptpError, FileNotFoundError) as exc:
-        print(f"aptp {args.command}: error: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"aptp {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        # last line of defence: I/O and format errors the loaders did not wrap. Shown as the
+        # exception type and message; APTP_DEBUG=1 shows where it came from.
+        if debug:
+            traceback.print_exc()
+        print(f"aptp {args.command}: error: {type(exc).__name__}: {_one_line(exc)} "
+              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"aptp {args.command}: interrupted", file=sys.stderr)

@@ -86,6 +86,12 @@ class UNetBackbone(Backbone):
     # --- where things are ---------------------------------------------------------------------
     def _local(self) -> Path | None:
         p = self.pretrained
+        if p is not None and not Path(p).is_dir() and _looks_like_path(p):
+            raise ConfigError(
+                f"pretrained={self.config.pretrained!r} is not a folder{' (it is a file)' if Path(p).exists() else ''}; "
+                "point it at a diffusers pipeline folder or a saved UNet, give a hub id (org/name), or set "
+                "pretrained: null for random weights."
+            )
         return Path(p) if p is not None and Path(p).is_dir() else None
 
     def _unet_location(self) -> tuple[str, str | None]:
@@ -238,3 +244,10 @@ class UNetBackbone(Backbone):
                 cls = getattr(diffusers, cfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
                 return cls.from_config(cfg)
         return diffusers.DDIMScheduler.from_config(PRESETS[self.config.preset]["scheduler"])
+
+
+def _looks_like_path(value: str) -> bool:
+    """A local path rather than a hub id (``org/name``): absolute, relative with ./ ../ ~, or with
+    more than one separator."""
+    return value.startswith(("/", ".", "~", "\\")) or value.count("/") > 1 or "\\" in value \
+        or Path(value).exists()

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from aptp.core.config import SLOTS, instantiate_config, validate
-from aptp.core.errors import ConfigError, IncompatibleError, UnknownComponentError
+from aptp.core.errors import ConfigError, IncompatibleError, UnknownComponentError, reading
 from aptp.core.interfaces import (
     Assignment,
     Backbone,
@@ -134,26 +134,29 @@ class Composition:
                     "(save one with Composition.save)."
                 )
         registry = registry or default_registry()
-        manifest = json.loads((directory / "manifest.json").read_text())
-        if manifest.get("format") != FORMAT_VERSION:
-            raise IncompatibleError(
-                f"{directory} has format {manifest.get('format')}, this aptp reads format {FORMAT_VERSION}."
-            )
-        for key, info in manifest["components"].items():
-            kind = info["kind"]
-            if info["name"] not in registry[kind]:
-                raise UnknownComponentError(
-                    f"{directory} uses {kind} '{info['name']}' from plugin '{info['provider']}' "
-                    f"({info['distribution'] or 'no distribution'}), which is not installed or is blocked. "
-                    "Install that plugin to load it."
+        with reading(directory, "saved composition", "save it again with Composition.save."):
+            manifest = json.loads((directory / "manifest.json").read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError(f"manifest.json holds a {type(manifest).__name__}, not an object")
+            if manifest.get("format") != FORMAT_VERSION:
+                raise IncompatibleError(
+                    f"{directory} has format {manifest.get('format')}, this aptp reads format {FORMAT_VERSION}."
                 )
-        config = validate(OmegaConf.load(directory / "config.yaml"), registry, str(directory))
-        comp = build(config, registry)
-        state = load_file(str(directory / "state.safetensors"))
-        for key, component in comp.items():
-            prefix = f"{key}/"
-            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            component.load_state_tensors(own)
+            for key, info in manifest["components"].items():
+                kind = info["kind"]
+                if info["name"] not in registry[kind]:
+                    raise UnknownComponentError(
+                        f"{directory} uses {kind} '{info['name']}' from plugin '{info['provider']}' "
+                        f"({info['distribution'] or 'no distribution'}), which is not installed or is blocked. "
+                        "Install that plugin to load it."
+                    )
+            config = validate(OmegaConf.load(directory / "config.yaml"), registry, str(directory))
+            comp = build(config, registry)
+            state = load_file(str(directory / "state.safetensors"))
+            for key, component in comp.items():
+                prefix = f"{key}/"
+                own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                component.load_state_tensors(own)
         return comp
 
 

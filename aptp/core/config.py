@@ -315,7 +315,8 @@ def instantiate_config(spec: ComponentSpec, section: dict[str, Any] | DictConfig
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec.config_class), params))
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{spec.kind} '{spec.name}': {exc}") from None
+        msg = " ".join(str(getattr(exc, "msg", None) or exc).split())
+        raise ConfigError(f"{spec.kind} '{spec.name}': {msg}") from None
     except (ValueError, TypeError) as exc:  # raised by a config's __post_init__ checks
         raise ConfigError(f"{spec.kind} '{spec.name}': {exc}") from None
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 
 class AptpError(Exception):
@@ -43,6 +44,40 @@ class RunLockedError(AptpError):
 
 class CheckpointError(AptpError):
     """A checkpoint folder is incomplete or damaged."""
+
+
+class DamagedFileError(AptpError, ValueError):
+    """A saved file (an expert, a router bundle, a run folder's records) is truncated or malformed."""
+
+
+class OutputError(AptpError, OSError):
+    """An output folder cannot be written (it is a file, read-only, or the disk is full)."""
+
+
+@contextmanager
+def reading(path, what: str, hint: str) -> Iterator[None]:
+    """Turn the I/O and format errors of reading a saved ``what`` at ``path`` (truncated or malformed
+    JSON / YAML / safetensors, missing keys, wrongly shaped tensors) into a one-line
+    DamagedFileError that says what to do (``hint``). aptp's own errors pass unchanged; the original
+    error stays chained (``APTP_DEBUG=1`` shows it)."""
+    try:
+        yield
+    except AptpError:
+        raise
+    except Exception as exc:
+        if not _is_format_error(exc):
+            raise
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        if len(detail) > 300:
+            detail = detail[:300] + "..."
+        raise DamagedFileError(f"{what} {path} is damaged or not what aptp wrote ({detail}); {hint}") from exc
+
+
+def _is_format_error(exc: BaseException) -> bool:
+    if isinstance(exc, (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeError, RuntimeError)):
+        return True
+    # safetensors' SafetensorError, YAML and OmegaConf errors have their own bases
+    return type(exc).__module__.split(".")[0] in ("safetensors", "yaml", "omegaconf")
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from aptp.core.errors import ConfigError, RunLockedError
+from aptp.core.errors import ConfigError, OutputError, RunLockedError
 
 FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".aptp.lock"
@@ -280,6 +280,22 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_writable(directory: str | Path) -> None:
+    """Create ``directory`` if needed and check a file can be written in it; an OutputError (one
+    line, what to do) when it is under a file, read-only, or the disk is full."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".aptp-write-test-{os.getpid()}"
+        probe.write_bytes(b"\0")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write to the output folder {directory} ({exc.strerror or exc}); choose another "
+            "--output-dir, or make it writable."
+        ) from exc
+
+
 @contextmanager
 def open_run(directory: str | Path, config: DictConfig, registry=None, restart: bool = False,
              hint: str = RUN_HINT) -> Iterator[str]:
@@ -295,6 +311,7 @@ def open_run(directory: str | Path, config: DictConfig, registry=None, restart: 
         raise ConfigError(f"output folder {directory} is a file; choose another --output-dir.")
     if not restart:  # refuse before even taking the lock: a refused folder is left exactly as it was
         check_run_folder(directory, config, registry, hint)
+    check_writable(directory)
     with lock_run_folder(directory):
         if restart:
             start_over(directory)

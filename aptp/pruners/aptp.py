@@ -41,6 +41,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from aptp.core import values
+from aptp.core.errors import reading
 from aptp.core.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aptp.core.rundir import open_run
 from aptp.core.interfaces import Pruner
@@ -182,10 +183,12 @@ class AptpPruner(Pruner):
         start = 0
         if c.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
             start, state = found
-            router.load_state_tensors(state["router"])
-            opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=c.weight_decay)
-            opt.load_state_dict(state["opt"])
-            set_rng_state(state["rng"])
+            with reading(ckpt_dir, f"the checkpoint of step {start} under",
+                         f"delete {ckpt_dir} to run phase 1 again, or rerun with --restart."):
+                router.load_state_tensors(state["router"])
+                opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=c.weight_decay)
+                opt.load_state_dict(state["opt"])
+                set_rng_state(state["rng"])
             ctx.log(f"phase 1: resumed from step {start}")
         log = JsonlLogger(ctx.output_dir / "phase1.jsonl", enabled=ctx.is_main)
         log.rewind(start)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from aptp.core.config import config_to_dict
-from aptp.core.errors import IncompatibleError
+from aptp.core.errors import IncompatibleError, reading
 from aptp.core.interfaces import (
     Backbone,
     Conditioning,
@@ -37,6 +37,7 @@ from aptp.pruners.gating import build_unit_space, cut_model, kind_of
 
 EXPERT_FILE = "aptp_expert.json"
 EXPERT_FORMAT = 1
+_EXPERT_HINT = "rerun the run that wrote it (aptp run ... --restart) or save it again with save_expert."
 
 
 def save_expert(directory: str | Path, expert: nn.Module, architecture: torch.Tensor, space: UnitSpace,
@@ -72,7 +73,10 @@ def read_expert_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / EXPERT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not an aptp expert: {EXPERT_FILE} is missing (write one with save_expert).")
-    meta = json.loads(path.read_text())
+    with reading(path, "expert metadata", _EXPERT_HINT):
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"{EXPERT_FILE} holds a {type(meta).__name__}, not an object")
     if meta.get("format") != EXPERT_FORMAT:
         raise IncompatibleError(f"{path} has format {meta.get('format')}; this aptp reads format {EXPERT_FORMAT}.")
     return meta
@@ -107,6 +111,11 @@ def load_expert(directory: str | Path, device: str | torch.device = "cpu",
     the stored architecture -> the saved weights (``Backbone.load_denoiser_state``)."""
     directory = Path(directory)
     meta = read_expert_meta(directory)
+    with reading(directory, "expert", _EXPERT_HINT):
+        return _load_expert(directory, meta, device, dtype)
+
+
+def _load_expert(directory: Path, meta: dict[str, Any], device, dtype) -> nn.Module:
     bb = _backbone(meta.get("backbone"))
     model = bb.dense_denoiser_for(directory) if bb is not None else diffusers_model_from_config(directory)
     if model is None:

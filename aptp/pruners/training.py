@@ -140,8 +140,13 @@ class JsonlLogger:
         if not self.enabled or not self.path.is_file():
             return
         keep = []
-        for line in self.path.read_text().splitlines():
-            rec = json.loads(line)
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short by a killed run: logged again from the checkpoint
+                continue
+            if not isinstance(rec, dict):
+                continue
             if rec.get("step", -1) >= step and all(rec.get(k) == v for k, v in match.items()):
                 continue
             keep.append(line)
@@ -281,7 +286,11 @@ class TrainContext:
 
         final = self.output_dir / "experts" / f"expert-{k}"
         if resume and (final / "finetune.json").is_file():  # finished in an earlier run
-            return json.loads((final / "finetune.json").read_text())["distill_before_after"]
+            from aptp.core.errors import reading
+
+            with reading(final / "finetune.json", "finished expert's record",
+                         "delete that expert folder to fine-tune it again, or rerun with --restart."):
+                return list(json.loads((final / "finetune.json").read_text())["distill_before_after"])
         w_d, w_o, w_b = weights
         expert = self.cut(arch, cut_backend)
         expert.train().requires_grad_(True)
@@ -290,9 +299,13 @@ class TrainContext:
         start = 0
         if resume and (found := latest_checkpoint(ckpt_dir)) is not None:
             start, state = found
-            expert.load_state_dict(state["expert"])
-            opt.load_state_dict(state["opt"])
-            set_rng_state(state["rng"])
+            from aptp.core.errors import reading
+
+            with reading(ckpt_dir, f"the checkpoint of step {start} under",
+                         f"delete {ckpt_dir} to fine-tune expert {k} again, or rerun with --restart."):
+                expert.load_state_dict(state["expert"])
+                opt.load_state_dict(state["opt"])
+                set_rng_state(state["rng"])
         recorder = O.FeatureRecorder(self.backbone.feature_modules(expert))
         log = JsonlLogger(self.output_dir / "phase2.jsonl", enabled=self.is_main)
         log.rewind(start, expert=k)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from aptp.core.build import replace_dir
 from aptp.core.config import config_to_dict, instantiate_config
-from aptp.core.errors import ConfigError, IncompatibleError, UnknownComponentError
+from aptp.core.errors import ConfigError, IncompatibleError, UnknownComponentError, reading
 from aptp.core.interfaces import PromptEncoder, Router, RoutingResult
 from aptp.core.registry import Registry
 from aptp.core.units import UnitSpace
@@ -146,24 +146,28 @@ def load_router_bundle(directory: str | Path, registry: Registry | None = None) 
                 f"{directory} is not a router bundle: {fname} is missing (write one with save_router_bundle)."
             )
     registry = registry or default_registry()
-    info = json.loads((directory / BUNDLE_FILE).read_text())
-    if info.get("format") != BUNDLE_FORMAT:
-        raise IncompatibleError(f"{directory} has bundle format {info.get('format')}; this aptp reads {BUNDLE_FORMAT}.")
-    encoder = _build(registry, "encoder", info["encoder"], directory)
-    router = _build(registry, "router", info["router"], directory)
-    router.load_state_tensors(load_file(str(directory / ROUTER_FILE)))
-    router.eval()
-    unit_space = None
-    if (directory / UNIT_SPACE_FILE).is_file():
-        unit_space = UnitSpace.from_dict(json.loads((directory / UNIT_SPACE_FILE).read_text()))
-        if isinstance(router, OTRouter) and router.bound:
-            router.unit_space.require_same(unit_space.fingerprint(), f"the router in {directory}")
-    architectures = None
-    if (directory / ARCH_FILE).is_file():
-        if unit_space is None:
-            raise IncompatibleError(f"{directory} has architectures but no {UNIT_SPACE_FILE}; re-save the bundle.")
-        architectures = check_architectures(load_file(str(directory / ARCH_FILE))["architectures"], unit_space,
-                                            router.num_experts)
+    with reading(directory, "router bundle", "save it again (save_router_bundle, or rerun aptp run with --restart)."):
+        registry = registry or default_registry()
+        info = json.loads((directory / BUNDLE_FILE).read_text())
+        if not isinstance(info, dict):
+            raise ValueError(f"{BUNDLE_FILE} holds a {type(info).__name__}, not an object")
+        if info.get("format") != BUNDLE_FORMAT:
+            raise IncompatibleError(f"{directory} has bundle format {info.get('format')}; this aptp reads {BUNDLE_FORMAT}.")
+        encoder = _build(registry, "encoder", info["encoder"], directory)
+        router = _build(registry, "router", info["router"], directory)
+        router.load_state_tensors(load_file(str(directory / ROUTER_FILE)))
+        router.eval()
+        unit_space = None
+        if (directory / UNIT_SPACE_FILE).is_file():
+            unit_space = UnitSpace.from_dict(json.loads((directory / UNIT_SPACE_FILE).read_text()))
+            if isinstance(router, OTRouter) and router.bound:
+                router.unit_space.require_same(unit_space.fingerprint(), f"the router in {directory}")
+        architectures = None
+        if (directory / ARCH_FILE).is_file():
+            if unit_space is None:
+                raise IncompatibleError(f"{directory} has architectures but no {UNIT_SPACE_FILE}; re-save the bundle.")
+            architectures = check_architectures(load_file(str(directory / ARCH_FILE))["architectures"], unit_space,
+                                                router.num_experts)
     return RouterBundle(encoder, router, unit_space, architectures, info)
 
 

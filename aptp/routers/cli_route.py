@@ -72,7 +72,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         bundle = load_router_bundle(args.router_dir)
         res = route_prompts(bundle, prompts, progress=False if args.no_progress else None)
     except (AptpError, FileNotFoundError) as exc:
-        print(f"aptp route: error: {exc}", file=sys.stderr)
+        print(f"aptp route: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     ratios = res.kept_ratios.tolist() if res.kept_ratios is not None else [None] * res.num_experts
     load = res.load.tolist()
