@@ -207,7 +207,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from aptp.core.errors import AptpError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # positionals given after a flag (`aptp run smoke --output-dir X key=v`, `aptp route DIR --json "a
+    # prompt"`): argparse leaves them over; they belong to the sub-command's positional list
+    trailing = next((name for name in ("overrides", "prompts") if isinstance(getattr(args, name, None), list)), None)
+    if extra and (trailing is None or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        setattr(args, trailing, getattr(args, trailing) + extra)
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return int(args.func(args) or 0)

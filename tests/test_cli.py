@@ -35,3 +35,13 @@ def test_config_errors_are_one_clear_line(capsys, tmp_path):
 def test_module_entry_point_prints_the_version():
     out = subprocess.run([sys.executable, "-m", "aptp.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("aptp ")
+
+
+def test_overrides_and_prompts_may_follow_flags(capsys, tmp_path):
+    from aptp.cli import main
+
+    assert main(["config", "smoke", "--config-dir", "configs", "router.num_experts=3"]) == 0
+    assert "num_experts: 3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # an unknown flag is still an error, also among overrides
+        main(["config", "smoke", "router.num_experts=3", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
