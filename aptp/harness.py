@@ -138,6 +138,8 @@ def evaluate_pipeline(name: str, pipe: RoutedPipeline, prompts: EvalPrompts, cfg
 
     Returns ``row`` (set-level figures), ``per_prompt`` (one dict per prompt and sampling seed),
     ``images`` / ``expert_ids`` of the first sampling seed (for grids)."""
+    import numpy as np
+
     from aptp.metrics.harness import evaluate
 
     for k in range(pipe.router.num_experts):  # load every expert before generating
@@ -159,9 +161,12 @@ def evaluate_pipeline(name: str, pipe: RoutedPipeline, prompts: EvalPrompts, cfg
     if kept_ratios is not None:
         row["expert_macs_ratios"] = [round(float(r), 4) for r in kept_ratios]
     row["mean_macs_ratio"] = float(kept.mean())  # deployed: inference routing on the evaluation prompts
-    per_prompt = []
+    per_prompt, per_image = [], {}  # per_image: metric -> values of every image, seed by seed
     for s, images in zip(cfg.sample_seeds, images_per_seed):
         values = {m: metric.per_sample(images, prompts.prompts) for m, metric in metrics.items()}
+        for m, v in values.items():
+            if v is not None:
+                per_image.setdefault(m, []).extend(v)
         for i, prompt in enumerate(prompts.prompts):
             rec = {"model": name, "prompt": prompt, "prompt_index": i,
                    "kind": prompts.kinds[i] if prompts.kinds else None,
@@ -170,9 +175,12 @@ def evaluate_pipeline(name: str, pipe: RoutedPipeline, prompts: EvalPrompts, cfg
                    "kept_macs": round(float(kept[i]), 6)}
             rec.update({m: v[i] for m, v in values.items() if v is not None})
             per_prompt.append(rec)
-    if metrics:  # set-level values over the images of every sampling seed
+    # a per-sample metric's set value is the mean of its per-image values (its contract): no second pass
+    row.update({m: float(np.nanmean(v)) for m, v in per_image.items()})
+    set_level = {m: metric for m, metric in metrics.items() if m not in per_image}
+    if set_level:  # set-level values over the images of every sampling seed
         pooled = torch.cat(images_per_seed)
-        row.update(evaluate(pooled, prompts.prompts * len(cfg.sample_seeds), metrics, reference=prompts.reference))
+        row.update(evaluate(pooled, prompts.prompts * len(cfg.sample_seeds), set_level, reference=prompts.reference))
     if prompts.difficulty is not None and kept_ratios is not None and len(set(kept_ratios.tolist())) > 1:
         from scipy.stats import spearmanr
 
@@ -193,20 +201,19 @@ def measure_latency(results: Mapping[str, dict[str, Any]], prompts: EvalPrompts,
     backbone, modules = any_pipe.backbone, any_pipe.modules
     param = next(modules.denoiser.parameters())
     mixed = torch.randperm(len(prompts.prompts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    candidates, inputs = {}, {}
+    candidates = {}
     for b in cfg.latency_batch_sizes:
         x = torch.randn(b, *backbone.conditioning().sample_shape, generator=torch.Generator().manual_seed(b))
         x = x.to(param.device, param.dtype)
         t = torch.full((b,), 500, device=param.device)
         chosen = [mixed[i % len(mixed)] for i in range(b)]
         text = backbone.encode_prompts(modules, [prompts.prompts[i] for i in chosen]).to(param.device, param.dtype)
-        inputs[b] = (x, t, text)
         for name, res in results.items():
             pipe, ids = res["pipe"], res["expert_ids"]
             for k in range(pipe.router.num_experts):
                 candidates[f"{name}|expert{k}|{b}"] = functools.partial(backbone.denoise, pipe.expert(k), x, t, text)
-            groups = [(pipe.expert(k), idx) for k in ids[chosen].unique().tolist()
-                      for idx in [(ids[chosen] == k).nonzero().flatten()]]
+            routed = ids[chosen]  # (b,) the expert of each prompt of the mixed batch
+            groups = [(pipe.expert(k), (routed == k).nonzero().flatten()) for k in routed.unique().tolist()]
             candidates[f"{name}|routed|{b}"] = functools.partial(_routed_step, backbone, groups, x, t, text)
     timings = time_interleaved(candidates, rounds=cfg.latency_rounds, repeats=cfg.latency_repeats,
                                device=param.device, threads=cfg.latency_threads)
@@ -215,11 +222,12 @@ def measure_latency(results: Mapping[str, dict[str, Any]], prompts: EvalPrompts,
         for b in cfg.latency_batch_sizes:
             row[f"step_ms_b{b}"] = [timings[f"{name}|expert{k}|{b}"].median for k in range(row["num_experts"])]
             row[f"routed_ms_b{b}"] = timings[f"{name}|routed|{b}"].as_dict()
-    ref = cfg.reference if cfg.reference in results else next(iter(results))
-    for name, res in results.items():
+    # the reference model's row (its first training seed when it has several; results keys carry the seed)
+    ref = next(res["row"] for res in results.values() if res["row"]["model"] == cfg.reference)
+    for res in results.values():
         for b in cfg.latency_batch_sizes:
             res["row"][f"latency_vs_reference_b{b}"] = (
-                res["row"][f"routed_ms_b{b}"]["median_ms"] / results[ref]["row"][f"routed_ms_b{b}"]["median_ms"])
+                res["row"][f"routed_ms_b{b}"]["median_ms"] / ref[f"routed_ms_b{b}"]["median_ms"])
 
 
 def _routed_step(backbone, groups, x, t, text) -> None:

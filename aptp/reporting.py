@@ -57,7 +57,7 @@ def _ci(entry: Mapping[str, Any] | None) -> str:
     return f"{entry['estimate']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
 
 
-def _protocol(prompts, cfg, stats: Mapping[str, Any]) -> list[str]:
+def _protocol(prompts, cfg) -> list[str]:
     kinds = sorted(set(prompts.kinds)) if prompts.kinds else []
     per_kind = (", ".join(f"{k} {prompts.kinds.count(k)}" for k in kinds)) if kinds else "not stratified"
     return [f"**Protocol.** {len(prompts.prompts)} held-out prompts ({per_kind}; prompt seed {cfg.seed}), each generated "
@@ -87,7 +87,7 @@ def write_report(out_dir: Path, results: Mapping[str, dict[str, Any]], prompts, 
     ref = stats["reference"]
 
     lines = [f"# Comparison: {', '.join(dict.fromkeys(r['model'] for r in rows))}", ""]
-    lines += ([f"_{cfg.note}_", ""] if cfg.note else []) + _protocol(prompts, cfg, stats)
+    lines += ([f"_{cfg.note}_", ""] if cfg.note else []) + _protocol(prompts, cfg)
     verdict_of = {(p["a"], p["b"], p["metric"]): p for p in stats["pairs"]}
     header = ["model", "train seeds", "experts", "deployed mean kept MACs"]
     for m in interval_metrics:
