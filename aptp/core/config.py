@@ -46,6 +46,8 @@ SLOTS: dict[str, tuple[str, bool]] = {
     "metrics": ("metric", True),
 }
 CONFIG_PATH_ENV = "APTP_CONFIG_PATH"
+#: aptp's own presets (``configs/`` of the source tree)
+BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass
@@ -64,16 +66,22 @@ class ExperimentSettings:
 
 
 def config_search_path(extra: Sequence[str | Path] = ()) -> list[Path]:
-    """Folders searched for ``<kind>/<preset>.yaml``, first match wins: ``extra``, the folders in
-    ``$APTP_CONFIG_PATH`` (``os.pathsep``-separated), ``./configs``, the plugins' preset folders
-    (hook ``aptp_config_dirs``), then aptp's own presets."""
+    """Folders searched for ``<kind>/<preset>.yaml``, first match wins: ``extra`` (``--config-dir``),
+    the folders in ``$APTP_CONFIG_PATH`` (``os.pathsep``-separated), the plugins' preset folders
+    (hook ``aptp_config_dirs``), then aptp's own presets.
+
+    A ``./configs`` folder in the current working directory is **not** searched unless it is given
+    explicitly (``--config-dir configs`` or ``$APTP_CONFIG_PATH``): a folder that happens to lie where
+    aptp is run would otherwise silently replace built-in presets (``smoke``, ``ot``, ...) and change
+    what a command means depending on where it is typed. :func:`find_preset` warns once when such a
+    folder holds a preset of the name it resolved elsewhere, and its "no preset" error names a
+    preset found only there, with the flag that uses it."""
     from aptp.core.plugins import plugin_config_dirs
 
     paths = [Path(p) for p in extra]
     paths += [Path(p) for p in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if p]
-    paths.append(Path.cwd() / "configs")
     paths += [Path(p) for p in plugin_config_dirs()]
-    paths.append(Path(__file__).resolve().parents[2] / "configs")
+    paths.append(BUILTIN_CONFIG_DIR)
     seen, out = set(), []
     for p in paths:
         rp = p.resolve()
@@ -103,15 +111,45 @@ def check_name(value: Any, what: str) -> str:
 
 
 def find_preset(kind_dir: str, preset: str, search_path: Sequence[Path]) -> Path:
+    """The first ``<root>/<kind_dir>/<preset>.yaml`` over ``search_path`` (see
+    :func:`config_search_path`); a ConfigError listing the known presets if there is none."""
     check_name(preset, f"{kind_dir} preset")
     for root in search_path:
         path = root / kind_dir / f"{preset}.yaml"
         if path.is_file():
+            _warn_ignored_local_preset(kind_dir, preset, path, search_path)
             return path
     known = list_presets(kind_dir, search_path)
+    local = _unsearched_local_preset(kind_dir, preset, search_path)
+    hint = (f" {local} is not searched: ./configs is used only when given explicitly; "
+            "pass --config-dir configs to use it." if local else "")
     raise ConfigError(
-        f"no preset '{preset}' for '{kind_dir}'.{did_you_mean(preset, known)} "
+        f"no preset '{preset}' for '{kind_dir}'.{did_you_mean(preset, known)}{hint} "
         f"Known presets: {', '.join(known) or 'none'} (searched {', '.join(map(str, search_path))})."
+    )
+
+
+_warned_local_presets: set[Path] = set()
+
+
+def _unsearched_local_preset(kind_dir: str, preset: str, search_path: Sequence[Path]) -> Path | None:
+    """``./configs/<kind_dir>/<preset>.yaml`` if it exists and its folder is not on ``search_path``."""
+    local_root = Path.cwd() / "configs"
+    local = local_root / kind_dir / f"{preset}.yaml"
+    if not local.is_file() or local_root.resolve() in {Path(p).resolve() for p in search_path}:
+        return None
+    return local
+
+
+def _warn_ignored_local_preset(kind_dir: str, preset: str, used: Path, search_path: Sequence[Path]) -> None:
+    """Warn (once per file) that a preset of the same name in an unsearched ``./configs`` is ignored."""
+    local = _unsearched_local_preset(kind_dir, preset, search_path)
+    if local is None or local.resolve() == used.resolve() or local.resolve() in _warned_local_presets:
+        return
+    _warned_local_presets.add(local.resolve())
+    warnings.warn(
+        f"{local} is ignored ({kind_dir} preset '{preset}' comes from {used}): ./configs is searched only "
+        "when given explicitly; pass --config-dir configs to use it.", stacklevel=3,
     )
 
 
