@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from aptp.backbones.unet import local_pretrained
 from aptp.core.errors import ConfigError
 from aptp.core.interfaces import Backbone, BackboneModules, Conditioning
 
@@ -140,11 +141,7 @@ class DiTBackbone(Backbone):
     def _folder(self) -> Path | None:
         if self.config.pretrained is None:
             return None
-        folder = Path(self.config.pretrained)
-        if not folder.is_dir():
-            raise ConfigError(f"pretrained={self.config.pretrained!r} is no folder; point it at a diffusers PixArt "
-                              "pipeline folder (transformer/, scheduler/, ...) or set pretrained: null.")
-        return folder
+        return local_pretrained(self.config.pretrained, hub=False)  # a local folder (~ expanded) or a ConfigError
 
     def _transformer_dir(self) -> Path | None:
         folder = self._folder()

@@ -2,7 +2,9 @@
 (SD 1.x / 2.x, and small pixel-space models in the same format).
 
 Presets (``configs/backbone/<preset>.yaml``): ``sd21`` and ``tiny``. With ``pretrained`` set, the
-parts load as diffusers users expect, from a local folder (or a hub id when a hub is reachable)::
+parts load as diffusers users expect, from a local folder (or a hub id when a hub is reachable; an
+existing folder always wins over a hub id of the same spelling, and a value starting with ``/``, ``./``,
+``../`` or ``~`` that is not a folder is a ConfigError, never a hub lookup: :func:`local_pretrained`)::
 
     <dir>/unet/config.json + diffusion_pytorch_model.safetensors   (or <dir>/config.json: a bare UNet)
     <dir>/scheduler/scheduler_config.json                          (any diffusers scheduler)
@@ -80,19 +82,13 @@ class UNetBackbone(Backbone):
 
     @property
     def pretrained(self) -> str | None:
-        """``config.pretrained`` with ``aptp:<asset>`` resolved to the folder shipped in the package."""
-        return resolve_asset(self.config.pretrained)
+        """``config.pretrained`` with ``aptp:<asset>`` resolved to the folder shipped in the package and
+        ``~`` expanded."""
+        return expand_pretrained(resolve_asset(self.config.pretrained))
 
     # --- where things are ---------------------------------------------------------------------
     def _local(self) -> Path | None:
-        p = self.pretrained
-        if p is not None and not Path(p).is_dir() and _looks_like_path(p):
-            raise ConfigError(
-                f"pretrained={self.config.pretrained!r} is not a folder{' (it is a file)' if Path(p).exists() else ''}; "
-                "point it at a diffusers pipeline folder or a saved UNet, give a hub id (org/name), or set "
-                "pretrained: null for random weights."
-            )
-        return Path(p) if p is not None and Path(p).is_dir() else None
+        return local_pretrained(self.pretrained, self.config.pretrained, hub=True)
 
     def _unet_location(self) -> tuple[str, str | None]:
         """(path or hub id, subfolder) of the UNet."""
@@ -251,3 +247,32 @@ def _looks_like_path(value: str) -> bool:
     more than one separator."""
     return value.startswith(("/", ".", "~", "\\")) or value.count("/") > 1 or "\\" in value \
         or Path(value).exists()
+
+
+def expand_pretrained(value: str | None) -> str | None:
+    """``value`` with a leading ``~`` expanded (a hub id never starts with one); else unchanged."""
+    return str(Path(value).expanduser()) if value is not None and value.startswith("~") else value
+
+
+def local_pretrained(value: str | None, given: str | None = None, hub: bool = True) -> Path | None:
+    """The local folder ``value`` names, None for a hub id (or no ``pretrained``), else a ConfigError.
+
+    An existing folder always wins, also when it looks like a hub id (``models/base`` next to the run):
+    nothing is looked up on the hub then. A value that looks like a path (starts with ``/``, ``./``,
+    ``../``, ``~``, or has more than one ``/``) and is not a folder is a ConfigError naming the path,
+    never a hub lookup. With ``hub=False`` (backbones that load only local folders) every value that is
+    not a folder is refused. ``given`` is the value as written in the config (for the message).
+    """
+    if value is None:
+        return None
+    path = Path(expand_pretrained(value))
+    if path.is_dir():
+        return path
+    if hub and not _looks_like_path(value):
+        return None
+    given = value if given is None else given
+    why = "it is a file" if path.exists() else f"no folder or file exists at {path.absolute()}"
+    raise ConfigError(
+        f"pretrained={given!r} is not a folder ({why}); point it at a diffusers pipeline folder or a saved "
+        f"model{', give a hub id (org/name)' if hub else ''}, or set pretrained: null for random weights."
+    )
