@@ -67,8 +67,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for cell in cfg.cells:
         check_name(cell, f"{args.comparison}: cell name")
     out = Path(args.output_dir or cfg.output_dir)
-    result = compare(cfg.base, cfg.cells, cfg.eval, out, seeds=cfg.seeds)
+    result = compare(cfg.base, cfg.cells, cfg.eval, out, seeds=cfg.seeds, grid=cfg.grid_spec())
     print(f"report: {result['report']}")
+    if "ablation" in result:
+        print(f"ablation: {result['ablation']}")
     return 0
 
 
@@ -78,10 +80,17 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
     from aptp.core.config import check_name
     from aptp.core.errors import ConfigError
-    from aptp.harness import EvalConfig, compare, grid_cells
+    from aptp.harness import EvalConfig, compare, grid_spec, parse_grid
 
-    cells = grid_cells(args.grid)
-    for cell in cells:
+    shared: dict[str, list[str]] = {}
+    for item in args.shared or []:
+        cond, sep, dropped = item.partition(":")
+        if not sep or "=" not in cond or not dropped:
+            raise ConfigError(f"--shared {item!r} must look like AXIS=VALUE:OTHER_AXIS[,...] "
+                              "(e.g. router.num_experts=1:router).")
+        shared[cond] = dropped.split(",")
+    spec = grid_spec(parse_grid(args.grid), shared)
+    for cell in spec["cells"]:
         check_name(cell, "grid cell name (from --grid values)")
     try:
         eval_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig),
@@ -90,10 +99,11 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--eval {' '.join(args.eval or [])}: {exc}") from None
     name = check_name(args.name or f"{Path(args.experiment).stem}-ablation", "--name")
     out = Path(args.output_dir or f"runs/{name}")
-    for cell, overrides in cells.items():
-        cells[cell] = list(args.set or []) + overrides
-    result = compare(args.experiment, cells, eval_cfg, out)
+    cells = {cell: list(args.set or []) + [f"{k}={v}" for k, v in values.items()]
+             for cell, values in spec["cells"].items()}
+    result = compare(args.experiment, cells, eval_cfg, out, grid=spec)
     print(f"report: {result['report']}")
+    print(f"ablation: {result['ablation']}")
     return 0
 
 
@@ -157,11 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "ablate", help="run a grid of overrides of one experiment and compare every cell",
         description="Expand --grid into every combination of overrides (e.g. router=ot,kmeans "
-        "router.num_experts=1,4), run each cell (resumable: finished cells are skipped) and write one report "
-        "with a table and plots of quality and latency against kept MACs.")
+        "router.num_experts=1,4), run each cell (resumable: finished cells are skipped; a cell folder from "
+        "another config is refused), evaluate all with the paired protocol and write report.md plus "
+        "ablation.md: per cell quality with its interval, paired differences against each axis' first value "
+        "(e.g. K=1 of the same granularity), pooled effects per axis, and figures of quality against the "
+        "numeric axis and of significant wins. With static baselines, write a comparison file with grid: and "
+        "cells: (see configs/comparison/ablation.yaml) and run `aptp compare` on it.")
     p.add_argument("experiment", metavar="EXPERIMENT")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                    help="axes of the grid; each KEY is a slot (preset choice) or a dotted key")
+    p.add_argument("--shared", nargs="*", metavar="AXIS=VALUE:AXES",
+                   help="axes that do not matter in cells with AXIS=VALUE: those cells run once (e.g. "
+                   "router.num_experts=1:router -- one K=1 cell, not one per router)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides applied to every cell first")
     p.add_argument("--eval", nargs="*", metavar="KEY=VALUE", help="evaluation settings (prompts_per_kind=16 sample_seeds=[0,1] steps=10 ...; see aptp.harness.EvalConfig)")
     p.add_argument("--name", help="name of the ablation (default: EXPERIMENT-ablation)")

@@ -258,10 +258,13 @@ def run_cell(base: str | Path, overrides: Sequence[str], out: Path) -> dict[str,
 
 
 def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfig, out_dir: str | Path,
-            progress: bool = True, seeds: Sequence[int] = ()) -> dict[str, Any]:
+            progress: bool = True, seeds: Sequence[int] = (),
+            grid: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run every cell (once per training seed in ``seeds``; none: the experiment's own seed),
     evaluate dense + every cell with the paired protocol, time them interleaved, and write
-    ``results.json``, ``per_prompt.jsonl`` and ``report.md``."""
+    ``results.json``, ``per_prompt.jsonl`` and ``report.md``. With ``grid`` (:func:`grid_spec`) the
+    cells it names form an ablation grid and the others are its baselines: ``ablation.md`` and its
+    figures are written too (:mod:`aptp.ablation`)."""
     from aptp.metrics.harness import build_metrics
     from aptp.reporting import write_report
 
@@ -305,10 +308,16 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
     stats = paired_summary(per_prompt, [r["row"] for r in results.values()], cfg, metrics)
     rows = [r["row"] for r in results.values()]
     (out_dir / "results.json").write_text(json.dumps({"eval": asdict(cfg), "seeds": list(seeds), "rows": rows,
-                                                      "intervals": stats, "summaries": summaries},
+                                                      "intervals": stats, "summaries": summaries,
+                                                      "grid": dict(grid or {})},
                                                      indent=1, default=str) + "\n")
     report = write_report(out_dir, results, prompts, cfg, summaries, stats)
-    return {"rows": rows, "intervals": stats, "report": str(report)}
+    out = {"rows": rows, "intervals": stats, "report": str(report)}
+    if grid:
+        from aptp.ablation import write_ablation
+
+        out["ablation"] = str(write_ablation(out_dir))
+    return out
 
 
 def paired_summary(per_prompt: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], cfg: EvalConfig,
@@ -393,19 +402,70 @@ def _pixel_resolution(pipe: RoutedPipeline, cond) -> int:
     return cond.sample_shape[1] * factor
 
 
-def grid_cells(grid: Sequence[str]) -> dict[str, list[str]]:
-    """``["router=ot,kmeans", "router.num_experts=1,4"]`` -> one cell per combination, named
-    ``router=ot,router.num_experts=1`` etc."""
-    axes = []
+def expand_grid(axes: Mapping[str, Sequence[Any]], shared: Mapping[str, Sequence[str]] | None = None
+                ) -> dict[str, dict[str, str]]:
+    """One cell per combination of the ``axes`` (override key -> values, in order), as cell name ->
+    ``{key: value}`` (its overrides are ``key=value`` in axis order).
+
+    ``shared`` names, for a ``key=value``, the axes that do not matter in cells having it: those
+    cells take the axis' first value, leave it out of their name and are run once. E.g.
+    ``{"router.num_experts=1": ["router"]}``: one K = 1 cell per granularity, not one per router.
+
+    >>> list(expand_grid({"router": ["ot", "kmeans"], "router.num_experts": [1, 4]},
+    ...                  {"router.num_experts=1": ["router"]}))
+    ['router.num_experts=1', 'router=ot,router.num_experts=4', 'router=kmeans,router.num_experts=4']
+    """
+    from aptp.core.errors import ConfigError
+
+    keys = list(axes)
+    values = {k: [str(v) for v in axes[k]] for k in keys}
+    for key, vals in values.items():
+        if not vals or len(set(vals)) != len(vals) or any(v == "" or "," in v for v in vals):
+            raise ConfigError(f"grid axis {key!r}: give at least one value, each once, without commas (got {vals}).")
+    for cond, dropped in (shared or {}).items():
+        key = cond.split("=", 1)[0]
+        if "=" not in cond or key not in values or any(d not in values for d in dropped):
+            raise ConfigError(f"grid_shared entry {cond!r}: {list(dropped)}: it must be 'axis=value: [other axes]' "
+                              f"with axes from {keys}.")
+    cells: dict[str, dict[str, str]] = {}
+    for combo in itertools.product(*(values[k] for k in keys)):
+        cell = dict(zip(keys, combo))
+        hidden: set[str] = set()
+        for cond, dropped in (shared or {}).items():
+            key, value = cond.split("=", 1)
+            if cell[key] == value:
+                hidden.update(dropped)
+        for key in hidden:
+            cell[key] = values[key][0]
+        name = ",".join(f"{k}={v}" for k, v in cell.items() if k not in hidden)
+        cells.setdefault(name, cell)
+    return cells
+
+
+def grid_spec(axes: Mapping[str, Sequence[Any]], shared: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """What :func:`compare` and :mod:`aptp.ablation` need to know of a grid: its ``axes`` (key ->
+    values, in order), its ``shared`` rules and its ``cells`` (name -> axis values)."""
+    return {"axes": {k: [str(v) for v in vals] for k, vals in axes.items()},
+            "shared": {k: list(v) for k, v in (shared or {}).items()}, "cells": expand_grid(axes, shared)}
+
+
+def parse_grid(grid: Sequence[str]) -> dict[str, list[str]]:
+    """``["router=ot,kmeans", "router.num_experts=1,4"]`` -> ``{"router": ["ot", "kmeans"], ...}``."""
+    axes: dict[str, list[str]] = {}
     for item in grid:
         if "=" not in item:
             raise ValueError(f"grid axis {item!r} must look like key=v1,v2 (e.g. router=ot,kmeans).")
-        key, values = item.split("=", 1)
-        vals = [v for v in values.split(",") if v]
-        if not vals:
+        key, vals = item.split("=", 1)
+        axes[key] = [v for v in vals.split(",") if v]
+        if not axes[key]:
             raise ValueError(f"grid axis {item!r} has no values.")
-        axes.append([f"{key}={v}" for v in vals])
-    return {",".join(combo): list(combo) for combo in itertools.product(*axes)}
+    return axes
+
+
+def grid_cells(grid: Sequence[str], shared: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """``["router=ot,kmeans", "router.num_experts=1,4"]`` -> one cell per combination, named
+    ``router=ot,router.num_experts=1`` etc., with its overrides (see :func:`expand_grid`)."""
+    return {name: [f"{k}={v}" for k, v in cell.items()] for name, cell in expand_grid(parse_grid(grid), shared).items()}
 
 
 @dataclass
@@ -417,7 +477,16 @@ class ComparisonConfig:
     seeds: list[int] = field(default_factory=list)  # training seeds: each cell runs once per seed
     output_dir: str = "runs/${name}"
     cells: dict[str, list[str]] = field(default_factory=dict)  # cell name -> overrides of the base
+    # an ablation grid (override key -> values): one more cell per combination, named key=value,...
+    # (run before ``cells``, which then hold the baselines); the report gets an ablation section
+    grid: dict[str, list[str]] = field(default_factory=dict)
+    grid_shared: dict[str, list[str]] = field(default_factory=dict)  # "key=value" -> axes that do not matter then
+    grid_set: list[str] = field(default_factory=list)  # overrides every grid cell gets first (e.g. its budget)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def grid_spec(self) -> dict[str, Any]:
+        """The grid's axes, shared rules and cells (:func:`grid_spec`); empty without a grid."""
+        return grid_spec(self.grid, self.grid_shared) if self.grid else {}
 
 
 def load_comparison(name_or_path: str | Path, overrides: Sequence[str] = ()) -> ComparisonConfig:
@@ -447,8 +516,14 @@ def load_comparison(name_or_path: str | Path, overrides: Sequence[str] = ()) -> 
         result = OmegaConf.to_object(cfg)
     except (OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    grid = {name: list(result.grid_set) + [f"{k}={v}" for k, v in cell.items()]
+            for name, cell in result.grid_spec().get("cells", {}).items()}
+    clash = sorted(set(grid) & set(result.cells))
+    if clash:
+        raise ConfigError(f"{path}: cells {clash} have the names of grid cells; rename them.")
+    result.cells = {**grid, **result.cells}
     if not result.cells:
-        raise ConfigError(f"{path}: 'cells' is empty; name at least one composition (cell name: [overrides]).")
+        raise ConfigError(f"{path}: 'cells' and 'grid' are empty; name at least one composition (cell name: [overrides]).")
     for cell, extra in cell_extra.items():
         result.cells[cell] = list(result.cells[cell]) + extra
     return result
