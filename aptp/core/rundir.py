@@ -5,7 +5,9 @@ must say what produced them::
 
     fingerprint.json   sha256 of the resolved config (as canonical JSON, minus the keys that cannot
                        change a result: progress bars, log and checkpoint intervals, the output
-                       folder) and of the aptp / plugin versions, with the config it hashes
+                       folder) and of the aptp / plugin versions, with the config it hashes, and
+                       the code revision that wrote it (aptp's version, git commit, uncommitted
+                       changes: information, not hashed; see :func:`code_revision`)
     .aptp.lock         held (``filelock``) by the one process running in the folder
     .aptp.lock.json    who holds it: pid, host, start time
 
@@ -21,10 +23,12 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +91,60 @@ def component_versions(config: DictConfig | dict, registry=None) -> dict[str, st
     return dict(sorted(versions.items()))
 
 
+def _git(package_dir: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True,
+                              timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+@lru_cache(maxsize=None)
+def _git_revision(package_dir: Path) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the git checkout ``package_dir`` is tracked in, else (None, None)."""
+    # tracked, not merely under a checkout: aptp installed in a .venv inside some repository
+    # is not that repository's code
+    if _git(package_dir, "ls-files", "--error-unmatch", "__init__.py") is None:
+        return None, None
+    commit = _git(package_dir, "rev-parse", "HEAD")
+    if not commit:
+        return None, None
+    status = _git(package_dir, "status", "--porcelain", "--untracked-files=no")
+    return commit, (None if status is None else bool(status))
+
+
+def code_revision() -> dict[str, Any]:
+    """The code that is running: ``{"aptp": version, "commit": sha or None, "dirty": bool or None}``
+    (``commit`` / ``dirty`` when aptp is imported from a git checkout; dirty = uncommitted changes
+    to tracked files).
+
+    Recorded in ``fingerprint.json`` and shown when a folder is refused, so that one can tell which
+    code produced a folder's results, but **not hashed**: the commit changes with every edit (a bug
+    fix elsewhere, a docs change, ``git pull``), so matching it would refuse every resume and every
+    rerun of a finished run during development although the config, which decides the results, is
+    the same. Releases are matched through the versions (:func:`component_versions`)."""
+    from aptp import __version__
+
+    commit, dirty = _git_revision(Path(__file__).resolve().parents[1])
+    return {"aptp": __version__, "commit": commit, "dirty": dirty}
+
+
+def _describe_code(code: Any) -> str:
+    if not isinstance(code, dict):
+        return "an aptp that recorded no code revision"
+    text = f"aptp {code.get('aptp', '?')}"
+    if code.get("commit"):
+        text += f" at commit {str(code['commit'])[:12]}{' with uncommitted changes' if code.get('dirty') else ''}"
+    return text
+
+
 def fingerprint(config: DictConfig | dict, registry=None) -> dict[str, Any]:
-    """What :data:`FINGERPRINT_FILE` holds: ``sha256`` over the canonical config and the versions."""
+    """What :data:`FINGERPRINT_FILE` holds: ``sha256`` over the canonical config and the versions,
+    and the code revision (:func:`code_revision`; information only, outside the hash)."""
     body = {"config": canonical_config(config), "versions": component_versions(config, registry)}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    return {"format": FORMAT, "sha256": digest, **body}
+    return {"format": FORMAT, "sha256": digest, **body, "code": code_revision()}
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -147,7 +200,7 @@ def check_run_folder(directory: str | Path, config: DictConfig, registry=None, h
                               f"config. {hint}") from None
         if digest == new["sha256"]:
             return "same"
-        _refuse(directory, differences(old, new), hint)
+        _refuse(directory, differences(old, new), hint, (old.get("code"), new["code"]))
     if not has_results(directory):
         return "new"
     saved = directory / "config.yaml"
@@ -156,7 +209,7 @@ def check_run_folder(directory: str | Path, config: DictConfig, registry=None, h
         if old_config is not None:
             diff = differences({"config": canonical_config(old_config)}, {"config": new["config"]})
             if diff:
-                _refuse(directory, diff, hint)
+                _refuse(directory, diff, hint, (None, new["code"]))
     return "adopt"
 
 
@@ -173,10 +226,12 @@ def _readable_config(path: Path, registry) -> DictConfig | None:
         return None
 
 
-def _refuse(directory: Path, diff: list[str], hint: str) -> None:
+def _refuse(directory: Path, diff: list[str], hint: str, code: tuple[Any, Any] = (None, None)) -> None:
     shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+    made_by = f" They were made by {_describe_code(code[0])}; this is {_describe_code(code[1])}." \
+        if code[1] is not None else ""
     raise ConfigError(f"{directory} holds results of a different run ({shown or 'fingerprint differs'}); "
-                      f"nothing was changed. {hint}")
+                      f"nothing was changed.{made_by} {hint}")
 
 
 def start_over(directory: str | Path) -> None:
