@@ -268,6 +268,10 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
     from aptp.metrics.harness import build_metrics
     from aptp.reporting import write_report
 
+    from aptp.core.config import check_name
+
+    for cell in cells:  # a cell name becomes a folder under out_dir/cells: it may not escape it
+        check_name(cell, "comparison cell name")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if "dense" in cells:

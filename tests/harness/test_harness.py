@@ -65,3 +65,12 @@ def test_ablate_runs_a_grid_of_routers_and_granularities(tmp_path, capsys):
     assert len(finished) >= 12
     assert main(args) == 0  # resumable: finished cells are not run again
     assert outputs() == finished
+
+
+def test_compare_from_python_refuses_a_cell_name_that_escapes_its_folder(tmp_path):
+    from aptp.core.errors import ConfigError
+    from aptp.harness import EvalConfig, compare
+
+    with pytest.raises(ConfigError, match="is not a name"):
+        compare("smoke", {"../escaped": []}, EvalConfig(), tmp_path / "cmp")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "cmp").exists()
