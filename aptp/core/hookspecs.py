@@ -98,6 +98,15 @@ def aptp_register_metrics(registry: KindRegistry) -> None:
 
 
 @hookspec
+def aptp_register_latency_models(registry: KindRegistry) -> None:
+    """Register latency models: measured (or modelled) latency of any architecture of a denoiser on
+    some hardware, differentiable in the gates (``resource: latency`` of the pruners).
+
+    Each factory is a subclass of :class:`aptp.latency.base.LatencyModel`.
+    """
+
+
+@hookspec
 def aptp_config_dirs() -> list[str]:
     """Folders of presets this plugin ships, laid out like aptp's ``configs/``
     (``backbone/<preset>.yaml``, ``experiment/<name>.yaml``, ...).

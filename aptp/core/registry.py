@@ -24,6 +24,7 @@ HOOKS: dict[str, str] = {
     "assignment": "aptp_register_assignments",
     "pruner": "aptp_register_pruners",
     "metric": "aptp_register_metrics",
+    "latency_model": "aptp_register_latency_models",
 }
 KINDS: tuple[str, ...] = tuple(HOOKS)
 
@@ -139,6 +140,7 @@ class Registry(Mapping[str, KindRegistry]):
 
     def __init__(self) -> None:
         from aptp.core import interfaces
+        from aptp.latency.base import LatencyModel
 
         bases = {
             "backbone": interfaces.Backbone,
@@ -149,6 +151,7 @@ class Registry(Mapping[str, KindRegistry]):
             "assignment": interfaces.Assignment,
             "pruner": interfaces.Pruner,
             "metric": interfaces.Metric,
+            "latency_model": LatencyModel,
         }
         self._kinds = {kind: KindRegistry(kind, bases[kind]) for kind in KINDS}
 
