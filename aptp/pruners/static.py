@@ -19,11 +19,31 @@ from aptp.pruners.training import DataConfig, TrainContext, check_cut_backend
 
 
 @dataclass
+class FinetuneConfig(Phase2Config):
+    """APTP's phase-2 fine-tuning settings under the static pruner's own key, ``finetune``: the same
+    fields, checked with messages that name ``finetune.*`` (the keys a static config has)."""
+
+    def __post_init__(self) -> None:
+        values.positive("finetune.lr", self.lr, "(e.g. 1e-5, times sqrt(batch) with scale_lr)")
+        values.weights("finetune.", self, ("denoise", "distill", "block"))
+        if self.steps < 0:
+            raise ValueError(f"finetune.steps={self.steps} must be >= 0 (0 keeps each expert as cut).")
+        if self.batch_size < 1:
+            raise ValueError(f"finetune.batch_size={self.batch_size} must be >= 1.")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"finetune.checkpoint_every={self.checkpoint_every} must be >= 1.")
+        if self.split != "per_expert":
+            raise ValueError(f"finetune.split={self.split!r}: the static pruner fine-tunes every expert for "
+                             "finetune.steps; leave split at 'per_expert' (by_load is APTP's pruner.phase2.split).")
+        super().__post_init__()  # any check Phase2Config gains later
+
+
+@dataclass
 class StaticPrunerConfig:
     """One-shot pruning at a kept-MACs budget, then fine-tuning (phase 2 of APTP, same budget)."""
 
     target_ratio: float = 0.6
-    finetune: Phase2Config = field(default_factory=Phase2Config)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     scale_lr: bool = True
     min_snr_gamma: float = 5.0

@@ -104,6 +104,31 @@ def test_static_finetune_lr_is_checked(case_dir, capsys):
     assert "lr=nan" in assert_one_error_line(capsys, rc, case_dir, before)
 
 
+STATIC_FINETUNE_OVERRIDES = {  # override -> what the one error line must name
+    "pruner.finetune.lr=-1": "finetune.lr=-1.0 must be a finite number > 0",
+    "pruner.finetune.lr=inf": "finetune.lr=inf must be a finite number > 0",
+    "pruner.finetune.lr=0": "finetune.lr=0.0 must be a finite number > 0",
+    "pruner.finetune.distill=nan": "finetune.distill=nan must be a finite number >= 0",
+    "pruner.finetune.denoise=-1": "finetune.denoise=-1.0 must be a finite number >= 0",
+    "pruner.finetune.block=inf": "finetune.block=inf must be a finite number >= 0",
+    "pruner.finetune.steps=-1": "finetune.steps=-1 must be >= 0",
+    "pruner.finetune.batch_size=0": "finetune.batch_size=0 must be >= 1",
+    "pruner.finetune.checkpoint_every=0": "finetune.checkpoint_every=0 must be >= 1",
+    "pruner.finetune.split=by_load": "finetune.split='by_load'",
+}
+
+
+@pytest.mark.parametrize("override", sorted(STATIC_FINETUNE_OVERRIDES))
+def test_static_finetune_errors_name_the_static_keys(override, case_dir, capsys):
+    """The static pruner's fine-tuning lives under ``finetune``: its errors say ``finetune.*``, not
+    APTP's ``phase2.*`` (a key the static config does not have)."""
+    before = _tree(case_dir)
+    rc = _cli(["run", "smoke", *TINY, "pruner=static", "assignment=magnitude", override,
+               "--output-dir", str(case_dir / "run")])
+    line = assert_one_error_line(capsys, rc, case_dir, before)
+    assert STATIC_FINETUNE_OVERRIDES[override] in line and "phase2" not in line.replace("pruner.phase2.split", "")
+
+
 def test_missing_local_pretrained_folder_is_not_a_network_error(case_dir, capsys):
     before = _tree(case_dir)
     rc = _cli(["run", "smoke", *TINY, f"backbone.pretrained={case_dir / 'no' / 'such' / 'model'}",
