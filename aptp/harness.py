@@ -315,7 +315,8 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
                                                       "intervals": stats, "summaries": summaries,
                                                       "grid": dict(grid or {})},
                                                      indent=1, default=str) + "\n")
-    report = write_report(out_dir, results, prompts, cfg, summaries, stats)
+    report = write_report(out_dir, results, prompts, cfg, summaries, stats,
+                          cell_dirs={folder.name: folder for folder in runs.values()})
     out = {"rows": rows, "intervals": stats, "report": str(report)}
     if grid:
         from aptp.ablation import write_ablation

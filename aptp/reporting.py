@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,8 @@ def _protocol(prompts, cfg) -> list[str]:
 
 
 def write_report(out_dir: Path, results: Mapping[str, dict[str, Any]], prompts, cfg,
-                 summaries: Mapping[str, Any], stats: Mapping[str, Any]) -> Path:
+                 summaries: Mapping[str, Any], stats: Mapping[str, Any],
+                 cell_dirs: Mapping[str, Path] | None = None) -> Path:
     plt = _plt()
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
@@ -206,6 +207,7 @@ def write_report(out_dir: Path, results: Mapping[str, dict[str, Any]], prompts, 
             lines += [f"**expert {k}** ({row['load'][k]} prompts"
                       + (f", kept MACs {row['expert_macs_ratios'][k]:.2f}" if row.get("expert_macs_ratios") else "")
                       + f"): ![expert {k}](figures/{name}_expert{k}.png)", "", f"<sub>{caps}</sub>", ""]
+    lines += training_curves(cell_dirs or {}, fig_dir)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -231,3 +233,108 @@ def _tradeoff_figures(plt, fig_dir: Path, rows, metric_keys, lat_keys) -> list[s
     plt.close(fig)
     out += ["![quality and latency against kept MACs](figures/tradeoffs.png)", ""]
     return out
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a training log (a last line cut by a kill is skipped)."""
+    import json
+
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _quarters(values: Sequence[float]) -> tuple[float, float, float] | None:
+    """(mean of the first quarter, of the third, of the last) of a noisy curve."""
+    v = np.asarray(values, dtype=float)
+    if v.size < 8:
+        return None
+    q = np.array_split(v, 4)
+    return float(q[0].mean()), float(q[2].mean()), float(q[3].mean())
+
+
+def training_curves(cells: Mapping[str, Path], fig_dir: Path, flat_below: float = 0.10) -> list[str]:
+    """A "Training curves" section: per cell a figure of phase 1's kept-MACs ratio per code (and
+    the target) and of phase 2's distillation error per expert, and a table saying whether
+    fine-tuning had flattened — the distillation error of the last quarter of each expert's steps
+    against the third quarter's: a drop of more than ``flat_below`` means it was still falling
+    (more steps would have helped)."""
+    plt = _plt()
+    table, figs = [], []
+    for name, folder in cells.items():
+        p1, p2 = _read_jsonl(folder / "phase1.jsonl"), _read_jsonl(folder / "phase2.jsonl")
+        if not p1 and not p2:
+            continue
+        target = None
+        try:
+            from omegaconf import OmegaConf
+
+            target = OmegaConf.load(folder / "config.yaml").pruner.get("target_ratio")
+        except Exception:  # a folder without a readable config: the curves alone
+            target = None
+        fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.0), squeeze=False)
+        ax1, ax2 = axes[0]
+        reached = None
+        if p1:
+            steps = [r["step"] for r in p1]
+            codes = np.asarray([r["code_ratios"] for r in p1], dtype=float)  # (T, K)
+            for k in range(codes.shape[1]):
+                ax1.plot(steps, codes[:, k], lw=1, label=f"code {k}" if codes.shape[1] <= 8 else None)
+            ax1.plot(steps, [r["mean_ratio"] for r in p1], "k--", lw=1, label="batch mean")
+            if target is not None:
+                ax1.axhline(float(target), color="grey", lw=0.8)
+                reached = next((r["step"] for r in p1 if abs(r["mean_ratio"] - float(target)) <= 0.01), None)
+            ax1.set_xlabel("phase-1 step")
+            ax1.set_ylabel("kept MACs")
+            ax1.legend(fontsize=6)
+        changes, firsts, lasts = [], [], []
+        for k in sorted({r.get("expert", 0) for r in p2}):
+            d = [r["distill"] for r in p2 if r.get("expert", 0) == k]
+            if not d:
+                continue
+            w = max(1, len(d) // 20)
+            smooth = np.convolve(d, np.ones(w) / w, mode="valid")
+            ax2.plot(np.arange(len(smooth)) + w - 1, smooth, lw=1, label=f"expert {k}" if k < 8 else None)
+            qs = _quarters(d)
+            if qs:
+                firsts.append(qs[0])
+                lasts.append(qs[2])
+                changes.append(qs[2] / qs[1] - 1.0 if qs[1] > 0 else 0.0)
+        if p2:
+            ax2.set_yscale("log")
+            ax2.set_xlabel("fine-tuning step (per expert)")
+            ax2.set_ylabel("distillation error (moving mean)")
+            ax2.legend(fontsize=6)
+        fig.suptitle(name, fontsize=8)
+        fig.tight_layout()
+        fname = f"curves_{_safe_file(name)}.png"
+        fig.savefig(fig_dir / fname, dpi=100)
+        plt.close(fig)
+        figs.append(f"[{name}](figures/{fname})")
+        change = float(np.mean(changes)) if changes else None
+        state = "–" if change is None else ("still falling" if change < -flat_below else "flat")
+        last = p1[-1] if p1 else {}
+        table.append(f"| {name} | {len(p1) and p1[-1]['step'] + 1 or '–'} | {reached if reached is not None else '–'} | "
+                     + (" / ".join(f"{x:.2f}" for x in last.get("code_ratios", [])) or "–")
+                     + f" | {sum(1 for _ in p2) or '–'} | "
+                     + (f"{np.mean(firsts):.4f} → {np.mean(lasts):.4f}" if firsts else "–")
+                     + f" | {_fmt(change)} | {state} |")
+    if not table:
+        return []
+    return ["## Training curves", "",
+            "Phase 1: kept-MACs ratio of each code's architecture (first step within 0.01 of the target; last "
+            "ratios). Phase 2: distillation error of each expert, mean of the first and of the last quarter of its "
+            f"steps; *change* is the last quarter against the third (below −{flat_below:.0%}: still falling).", "",
+            "| cell | phase-1 steps | target reached at | final code ratios | fine-tuning steps | distillation "
+            "first → last quarter | last-quarter change | fine-tuning |",
+            "|---|---|---|---|---|---|---|---|", *table, "", "Figures: " + ", ".join(figs), ""]
+
+
+def _safe_file(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -123,3 +123,25 @@ def test_ablate_cli_two_cells_resumes_and_refuses_a_changed_config(tmp_path, cap
     assert main(changed) == 2  # a changed config: refused in one line, nothing rewritten
     assert "holds results of a different run (pruner.phase2.steps: 2 → 3)" in capsys.readouterr().err
     assert outputs() == finished
+
+
+def test_training_curves_say_whether_fine_tuning_had_flattened(tmp_path):
+    from aptp.reporting import training_curves
+
+    def cell(name, decay):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text("pruner: {target_ratio: 0.6}\n")
+        p1 = [{"step": s, "mean_ratio": 1.0 - 0.4 * min(1.0, s / 50), "code_ratios": [0.6, 0.62]}
+              for s in range(0, 100, 10)]
+        (folder / "phase1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in p1) + '{"step": 10')  # cut line
+        p2 = [{"expert": k, "step": s, "distill": 0.1 * (1 + s) ** -decay} for k in (0, 1) for s in range(200)]
+        (folder / "phase2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in p2))
+        return folder
+
+    lines = training_curves({"falling": cell("falling", 1.0), "flat": cell("flat", 0.0)}, tmp_path)
+    text = "\n".join(lines)
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| f")}
+    assert rows["falling"].startswith("| falling | 91 | 50 | 0.60 / 0.62 | 400 |")
+    assert rows["falling"].endswith("| still falling |") and rows["flat"].endswith("| 0.000 | flat |")
+    assert (tmp_path / "curves_falling.png").stat().st_size > 1000
