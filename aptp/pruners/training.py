@@ -273,16 +273,29 @@ class TrainContext:
     # --- experts ---------------------------------------------------------------------------------
     def finetune_expert(self, k: int, arch: torch.Tensor, members: torch.Tensor, steps: int, batch_size: int,
                         lr: float, weights: tuple[float, float, float], resume: bool = True,
-                        cut_backend: str = "aptp", checkpoint_every: int = 100) -> list[float]:
+                        cut_backend: str = "aptp", checkpoint_every: int = 100, adapter: str = "none",
+                        lora_rank: int = 8, lora_alpha: float | None = None,
+                        storage: str = "materialised") -> list[float]:
         """Cut expert ``k`` from the dense weights (with ``cut_backend``, see :meth:`cut`), fine-tune
         it on dataset rows ``members`` with the dense model as teacher (the loss of
         :func:`aptp.pruners.objectives.task_losses`, weighted by ``weights`` = (denoise, distill,
         block)), checkpoint every ``checkpoint_every`` steps and at the end, save it under
         ``experts/expert-k``. Returns the output-distillation loss on a fixed batch of its prompts
-        before and after fine-tuning."""
+        before and after fine-tuning.
+
+        ``adapter="lora"``: train rank-``lora_rank`` LoRA adapters (peft) on the cut expert's
+        linear / conv weights instead of all its weights (:mod:`aptp.pruners.lora`).
+        ``storage="shared"``: save the expert as index sets over the dense weights plus its diffs
+        (LoRA factors, or exact diffs after full fine-tuning) instead of its own weights
+        (:func:`aptp.pruners.expert.save_expert`)."""
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 1.")
-        from aptp.pruners.expert import save_expert
+        from aptp.pruners.expert import STORAGES, save_expert
+        from aptp.pruners.lora import attach_lora, check_adapter, detach_lora
+
+        check_adapter(adapter, lora_rank)
+        if storage not in STORAGES:
+            raise ValueError(f"storage={storage!r} is unknown; use one of {list(STORAGES)}.")
 
         final = self.output_dir / "experts" / f"expert-{k}"
         if resume and (final / "finetune.json").is_file():  # finished in an earlier run
@@ -294,7 +307,8 @@ class TrainContext:
         w_d, w_o, w_b = weights
         expert = self.cut(arch, cut_backend)
         expert.train().requires_grad_(True)
-        opt = torch.optim.AdamW(expert.parameters(), lr=lr)
+        adapters = attach_lora(expert, lora_rank, lora_alpha) if adapter == "lora" else None  # the rest frozen
+        opt = torch.optim.AdamW([p for p in expert.parameters() if p.requires_grad], lr=lr)
         ckpt_dir = self.output_dir / "checkpoints" / f"expert-{k}"
         start = 0
         if resume and (found := latest_checkpoint(ckpt_dir)) is not None:
@@ -343,11 +357,18 @@ class TrainContext:
         recorder.remove()
         expert.eval().requires_grad_(False)
         after = self._distillation(expert, eval_batch)
+        lowrank = detach_lora(expert, adapters) if adapters is not None else None  # the cut weights, unchanged
         if self.is_main:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # unique per process
-            save_expert(tmp, expert, arch, self.unit_space, self.granularities, self.conditioning,
-                        backbone=OmegaConf.to_container(self.composition.config.backbone, resolve=True))
+            self.features.remove()  # the shared save probes a copy of the dense model: no recorder hooks in it
+            try:
+                save_expert(tmp, expert, arch, self.unit_space, self.granularities, self.conditioning,
+                            backbone=OmegaConf.to_container(self.composition.config.backbone, resolve=True),
+                            storage=storage, dense=self.denoiser if storage == "shared" else None, lowrank=lowrank,
+                            extra={"adapter": adapter, **({"lora_rank": lora_rank} if adapters else {})})
+            finally:
+                self.features = O.FeatureRecorder(self.backbone.feature_modules(self.denoiser))
             (tmp / "finetune.json").write_text(json.dumps({"steps": steps, "distill_before_after": [before, after]}))
             replace_dir(tmp, final)
         self.barrier()
