@@ -290,7 +290,25 @@ def validate(cfg: DictConfig, registry: Registry, source: str = "<config>") -> D
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{source}: cannot resolve interpolations: {exc}") from None
     check_name(resolved.name, f"{source}: experiment name")
+    _check_experts_fit_samples(resolved, source)
     return resolved
+
+
+def _check_experts_fit_samples(cfg: DictConfig, source: str) -> None:
+    """A ConfigError when ``router.num_experts`` exceeds ``pruner.data.num_samples`` (the training
+    prompts, at most that many; 0 = all): some expert could get no prompt of its own, yet the run
+    would succeed. Checked before anything runs; the pruners and the fitted routers check the
+    *distinct* prompts again once they hold them (``aptp.routers._checks.check_enough_prompts``)."""
+    router, pruner = cfg.get("router"), cfg.get("pruner")
+    k = router.get("num_experts") if isinstance(router, DictConfig) else None
+    data = pruner.get("data") if isinstance(pruner, DictConfig) else None
+    n = data.get("num_samples") if isinstance(data, DictConfig) else None
+    if isinstance(k, int) and isinstance(n, int) and 0 < n < k:
+        raise ConfigError(
+            f"{source}: router.num_experts={k} is more than the {n} training prompts (pruner.data.num_samples="
+            f"{n}): every expert needs prompts of its own; lower router.num_experts to <= {n} or raise "
+            "pruner.data.num_samples."
+        )
 
 
 _ENV_INTERPOLATION = re.compile(r"\$\{\s*(oc\.env|env)\s*:")

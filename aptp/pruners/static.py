@@ -16,6 +16,7 @@ from aptp.core.interfaces import AssignmentContext, Pruner
 from aptp.core.rundir import open_run
 from aptp.pruners.aptp import Phase2Config
 from aptp.pruners.training import DataConfig, TrainContext, check_cut_backend
+from aptp.routers._checks import check_enough_prompts
 
 
 @dataclass
@@ -71,6 +72,7 @@ class StaticPruner(Pruner):
             ctx = TrainContext(composition, c.data, Path(output_dir), progress=c.progress,
                                min_snr_gamma=c.min_snr_gamma)
             embeddings = ctx.all_embeddings()  # (N, D)
+            check_enough_prompts(router.num_experts, embeddings, ctx.captions)  # no expert without prompts
             router.fit(embeddings, prompts=ctx.captions)  # keyword rules read the texts
             router.eval()
             with torch.no_grad():

@@ -43,3 +43,33 @@ def check_embeddings(z: Any, dim: int | None = None, name: str = "embeddings") -
     if not z.is_floating_point():
         raise ShapeError(f"{name} must be floating point, got {z.dtype}.")
     return z
+
+
+def distinct_prompts(embeddings: torch.Tensor | None = None, prompts: Sequence[str] | None = None) -> int:
+    """How many distinct training prompts: distinct texts when ``prompts`` are given, else distinct
+    rows of ``embeddings`` (N, D) (one prompt always has one embedding)."""
+    if prompts is not None:
+        return len(set(prompts))
+    if embeddings is None:
+        raise ValueError("distinct_prompts needs embeddings or prompts.")
+    return int(torch.unique(embeddings.detach().to(torch.float32), dim=0).shape[0])
+
+
+def check_enough_prompts(num_experts: int, embeddings: torch.Tensor | None = None,
+                         prompts: Sequence[str] | None = None) -> int:
+    """The number M of distinct training prompts, or a ConfigError when ``num_experts`` K > M.
+
+    With more experts than distinct prompts some expert gets no prompt of its own: it is never
+    trained on its kind (an empty k-means cluster, an empty group, an expert fine-tuned on what
+    another one has), yet the run would succeed and report K experts. Called where a router is
+    fitted to, or a pruner holds, its training prompts."""
+    n = len(prompts) if prompts is not None else (embeddings.shape[0] if embeddings is not None else 0)
+    m = distinct_prompts(embeddings, prompts)
+    if num_experts > m:
+        repeated = f" ({n} prompts, some repeated)" if n != m else ""
+        raise ConfigError(
+            f"router.num_experts={num_experts} is more than the {m} distinct training prompts{repeated}: "
+            f"every expert needs prompts of its own; lower router.num_experts to <= {m} or train on more "
+            "distinct prompts (pruner.data.num_samples, or a larger prompt set)."
+        )
+    return m

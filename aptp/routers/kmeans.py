@@ -15,7 +15,7 @@ from sklearn.cluster import KMeans
 
 from aptp.core.errors import ConfigError, ShapeError
 from aptp.core.interfaces import Router
-from aptp.routers._checks import check_embeddings
+from aptp.routers._checks import check_embeddings, check_enough_prompts
 
 
 @dataclass
@@ -65,6 +65,7 @@ class KMeansRouter(Router):
                 f"k-means cannot make K={K} clusters from {N} prompts; fit on at least {K} prompts "
                 f"or lower num_experts to <= {N}."
             )
+        check_enough_prompts(K, z, context.get("prompts"))  # K clusters of identical prompts would be empty
         km = KMeans(n_clusters=K, random_state=self.config.seed, n_init=self.config.n_init,
                     max_iter=self.config.max_iter)
         km.fit(self._prep(z).detach().cpu().double().numpy())

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from aptp.routers._checks import check_embeddings
+from aptp.routers._checks import check_embeddings, check_enough_prompts
 from aptp.routers.nearest import NearestRouter
 
 
@@ -39,6 +39,7 @@ class RandomPartitionRouter(NearestRouter):
         z = check_embeddings(embeddings)
         if labels is not None:
             return super().fit(z, labels=labels)
+        check_enough_prompts(self.num_experts, z)  # an empty group would be an expert without prompts
         distinct = torch.unique(z.detach().to(torch.float32), dim=0)  # (M, D): one row per distinct prompt
         m = distinct.shape[0]
         perm = torch.randperm(m, generator=torch.Generator().manual_seed(self.config.seed))  # (M,)
