@@ -286,7 +286,10 @@ class ProfiledLatency(LatencyModel):
         timer = self._timer(device)
         model = copy.deepcopy(context.denoiser)
         strip_gate_hooks(model)
-        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        p = next(model.parameters())
+        if (p.device, p.dtype) != (device, dtype):
+            model = model.to(device=device, dtype=dtype)
+        model = model.eval().requires_grad_(False)
         g = torch.Generator().manual_seed(0)
         ch, h, w = cond.sample_shape
         x = torch.randn(c.batch_size, ch, h, w, generator=g).to(device, dtype)  # (B, C, H, W)

@@ -45,6 +45,7 @@ from aptp.core.errors import reading
 from aptp.core.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aptp.core.rundir import open_run
 from aptp.core.interfaces import Pruner
+from aptp.latency.resource import check_resource, resource_ratio
 from aptp.pruners import objectives as O
 from aptp.pruners.training import (
     DataConfig,
@@ -99,7 +100,7 @@ class Phase2Config:
 class AptpPrunerConfig:
     """APTP's two phases; defaults are the paper's recipe."""
 
-    target_ratio: float = 0.6  # kept MACs of the whole model, batch mean
+    target_ratio: float = 0.6  # kept MACs (or latency, see resource) of the whole model, batch mean
     steps: int = 5000  # phase 1
     warmup_steps: int = 500  # predictor warm-up: predicted soft gates, no codes, no OT
     batch_size: int = 64  # global batch
@@ -119,10 +120,15 @@ class AptpPrunerConfig:
     log_every: int = 10
     resume: bool = True
     progress: bool = True
+    # "macs" (the paper): r is each sample's kept-MACs ratio; "latency": its latency ratio predicted by
+    # latency_model (aptp.latency.resource), measured on the hardware that model names
+    resource: str = "macs"
+    latency_model: Optional[dict[str, Any]] = None  # {name: <registered latency model>, ...}; None: profiled
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_ratio <= 1.0:
             raise ValueError(f"target_ratio={self.target_ratio} must be in (0, 1] (the paper: 0.6 to 0.85).")
+        check_resource(self.resource, self.latency_model)
         if self.steps < 0 or not 0 <= self.warmup_steps:
             raise ValueError(f"steps={self.steps} and warmup_steps={self.warmup_steps} must be >= 0.")
         if self.warmup_steps > self.steps:
@@ -196,6 +202,7 @@ class AptpPruner(Pruner):
                    initial=start, total=c.steps)
         w = c.weights
         last: dict[str, float] = {}
+        ratio_of = resource_ratio(c.resource, c.latency_model, ctx)  # (..., U) -> (...): kept MACs or latency
         for step in bar:
             idx = global_batch_indices(len(ctx.dataset), c.batch_size, ctx.seed, step)  # (B,) dataset rows
             batch = ctx.batch(idx, step)
@@ -229,8 +236,8 @@ class AptpPruner(Pruner):
             # noisy training gates would misstate them). Gradient: that of the noisy soft gates
             # (the deterministic sigmoid is flat far from the threshold, so it could not move units
             # that the task losses hold on to).
-            r_soft = ctx.unit_space.macs_ratio(g)  # (b,)
-            r_local = ctx.unit_space.macs_ratio(g_deploy).detach() + r_soft - r_soft.detach()  # (b,)
+            r_soft = ratio_of(g)  # (b,)
+            r_local = ratio_of(g_deploy).detach() + r_soft - r_soft.detach()  # (b,)
             r, _ = D.all_gather_rows(r_local)  # (B,) global, gradient through the local rows
             l_res = resource_loss(r, c.target_ratio)
             l_spread = sum(spread_losses(r))
@@ -269,8 +276,11 @@ class AptpPruner(Pruner):
                                                          "opt": opt.state_dict(), "rng": rng_state()})
                 ctx.barrier()
         code_ratios = ctx.unit_space.macs_ratio(router.architectures())
-        return {"phase1_steps": c.steps, "expert_macs_ratios": [round(float(x), 4) for x in code_ratios],
-                "phase1_last": last}
+        out = {"phase1_steps": c.steps, "expert_macs_ratios": [round(float(x), 4) for x in code_ratios],
+               "phase1_last": last}
+        if c.resource != "macs":
+            out[f"expert_{c.resource}_ratios"] = [round(float(x), 4) for x in ratio_of(router.architectures())]
+        return out
 
     # --------------------------------------------------------------------------------- phase 2
     def phase2(self, ctx: TrainContext, router, fixed_ids: torch.Tensor | None = None) -> dict[str, Any]:

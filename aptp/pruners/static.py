@@ -7,13 +7,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from aptp.core import values
 from aptp.core.interfaces import AssignmentContext, Pruner
 from aptp.core.rundir import open_run
+from aptp.latency.resource import check_resource, fit_latency_model, latency_budget
 from aptp.pruners.aptp import Phase2Config
 from aptp.pruners.training import DataConfig, TrainContext, check_cut_backend
 from aptp.routers._checks import check_enough_prompts
@@ -41,7 +42,7 @@ class FinetuneConfig(Phase2Config):
 
 @dataclass
 class StaticPrunerConfig:
-    """One-shot pruning at a kept-MACs budget, then fine-tuning (phase 2 of APTP, same budget)."""
+    """One-shot pruning at a kept-MACs (or latency: ``resource``) budget, then fine-tuning (phase 2 of APTP)."""
 
     target_ratio: float = 0.6
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -51,10 +52,15 @@ class StaticPrunerConfig:
     resume: bool = True
     progress: bool = True
     cut_backend: str = "aptp"  # or torch_pruning: the same expert cut by its dependency graph (channels only)
+    # "macs" (the paper's baseline): target_ratio is kept MACs; "latency": a fraction of the dense model's
+    # latency predicted by latency_model (aptp.latency.resource.latency_budget searches the budget)
+    resource: str = "macs"
+    latency_model: Optional[dict[str, Any]] = None  # {name: <registered latency model>, ...}; None: profiled
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_ratio <= 1.0:
             raise ValueError(f"target_ratio={self.target_ratio} must be in (0, 1].")
+        check_resource(self.resource, self.latency_model)
         values.non_negative("min_snr_gamma", self.min_snr_gamma, "(e.g. 5; 0 switches Min-SNR weighting off)")
         check_cut_backend(self.cut_backend)
 
@@ -77,11 +83,17 @@ class StaticPruner(Pruner):
             router.eval()
             with torch.no_grad():
                 ids = router.route(embeddings).expert_ids  # (N,)
-            archs = assignment.architectures(AssignmentContext(
-                unit_space=ctx.unit_space, num_experts=router.num_experts, target_ratio=c.target_ratio,
-                denoiser=ctx.denoiser, router=router,
-                extra={"granularities": ctx.granularities, "train_context": ctx, "expert_ids": ids},
-            ))  # (K, U)
+
+            def assign(space, ratio: float) -> torch.Tensor:  # (K, U) at a kept-MACs ratio of ``space``
+                return assignment.architectures(AssignmentContext(
+                    unit_space=space, num_experts=router.num_experts, target_ratio=ratio,
+                    denoiser=ctx.denoiser, router=router,
+                    extra={"granularities": ctx.granularities, "train_context": ctx, "expert_ids": ids},
+                ))
+
+            latency = fit_latency_model(c.latency_model, ctx) if c.resource == "latency" else None
+            archs = (assign(ctx.unit_space, c.target_ratio) if latency is None
+                     else latency_budget(assign, ctx.unit_space, c.target_ratio, latency))  # (K, U)
             losses = {}
             for k in range(router.num_experts):
                 members = (ids == k).nonzero().flatten()
@@ -94,6 +106,8 @@ class StaticPruner(Pruner):
                                                 cut_backend=c.cut_backend, checkpoint_every=f.checkpoint_every)
             ctx.save_bundle(router, archs)
         ratios = ctx.unit_space.macs_ratio(archs)
-        return {"expert_macs_ratios": [round(float(r), 4) for r in ratios],
+        summary = {} if latency is None else {
+            "expert_latency_ratios": [round(float(r), 4) for r in latency.latency_ratio(archs.double())]}
+        return {**summary, "expert_macs_ratios": [round(float(r), 4) for r in ratios],
                 "routed_load": torch.bincount(ids, minlength=router.num_experts).tolist(),
                 "phase2_distill_before_after": losses, "output_dir": str(output_dir)}
