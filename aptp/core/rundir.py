@@ -198,7 +198,7 @@ def check_run_folder(directory: str | Path, config: DictConfig, registry=None, h
         except (ValueError, KeyError, TypeError, OSError):
             raise ConfigError(f"{path} is damaged, so the results in {directory} cannot be matched to a "
                               f"config. {hint}") from None
-        if digest == new["sha256"]:
+        if digest == new["sha256"] or _same_with_new_defaults(old, new, registry):
             return "same"
         _refuse(directory, differences(old, new), hint, (old.get("code"), new["code"]))
     if not has_results(directory):
@@ -213,15 +213,29 @@ def check_run_folder(directory: str | Path, config: DictConfig, registry=None, h
     return "adopt"
 
 
-def _readable_config(path: Path, registry) -> DictConfig | None:
-    """The validated config of an older run's ``config.yaml`` (defaults of today filled in), or None."""
+def _same_with_new_defaults(old: dict[str, Any], new: dict[str, Any], registry) -> bool:
+    """Whether ``old``'s config, with the options added to aptp since then filled in at their
+    defaults, is ``new``'s config (and the versions agree): an option added with a default that
+    keeps the old behaviour must not orphan every finished run. (Whether the code behaves as it
+    did is the code revision's question, which fingerprints record but do not match: see
+    :func:`code_revision`.)"""
+    if old.get("versions") != new.get("versions") or not isinstance(old.get("config"), dict):
+        return False
+    filled = _readable_config(OmegaConf.create(old["config"]), registry, "fingerprint.json")
+    return filled is not None and canonical_config(filled) == new["config"]
+
+
+def _readable_config(source: Path | DictConfig, registry, where: str | None = None) -> DictConfig | None:
+    """The validated config of an older run (its ``config.yaml``, or a config node) with the
+    defaults of today filled in, or None."""
     from aptp.core.config import validate
     from aptp.core.plugins import default_registry
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return validate(OmegaConf.load(path), registry or default_registry(), str(path))
+            raw = OmegaConf.load(source) if isinstance(source, Path) else source
+            return validate(raw, registry or default_registry(), where or str(source))
     except Exception:  # an older or foreign format: adopt with a warning rather than guess
         return None
 

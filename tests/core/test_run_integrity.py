@@ -136,6 +136,20 @@ def test_older_run_without_fingerprint_is_adopted_or_refused_by_its_config(run_c
     assert check_run_folder(run_copy, _config()) == "same"
 
 
+def test_an_option_added_since_at_its_default_keeps_a_finished_run(run_copy):
+    """A fingerprint written before aptp had an option (here: pruner.phase2.lr is deleted from the
+    record, as if it had not existed) still matches while the option is at its default; set to
+    another value, it is a change."""
+    record = json.loads((run_copy / FINGERPRINT_FILE).read_text())
+    del record["config"]["pruner"]["phase2"]["lr"]
+    record["sha256"] = "written-by-an-older-aptp"
+    (run_copy / FINGERPRINT_FILE).write_text(json.dumps(record))
+    assert check_run_folder(run_copy, _config()) == "same"
+    default_lr = _config().pruner.phase2.lr
+    with pytest.raises(ConfigError, match=r'pruner\.phase2\.lr: "\(absent\)" → '):
+        check_run_folder(run_copy, _config(f"pruner.phase2.lr={default_lr * 2}"))
+
+
 def test_damaged_fingerprint_is_refused(run_copy):
     (run_copy / FINGERPRINT_FILE).write_text("{not json")
     with pytest.raises(ConfigError, match="damaged"):
