@@ -73,7 +73,8 @@ def config_search_path(extra: Sequence[str | Path] = ()) -> list[Path]:
     A ``./configs`` folder in the current working directory is **not** searched unless it is given
     explicitly (``--config-dir configs`` or ``$APTP_CONFIG_PATH``): a folder that happens to lie where
     aptp is run would otherwise silently replace built-in presets (``smoke``, ``ot``, ...) and change
-    what a command means depending on where it is typed. :func:`find_preset` warns once when such a
+    what a command means depending on where it is typed (``aptp compare`` / ``ablate`` take no
+    ``--config-dir``: ``$APTP_CONFIG_PATH`` is their explicit path). :func:`find_preset` warns once when such a
     folder holds a preset of the name it resolved elsewhere, and its "no preset" error names a
     preset found only there, with the flag that uses it."""
     from aptp.core.plugins import plugin_config_dirs
@@ -121,8 +122,8 @@ def find_preset(kind_dir: str, preset: str, search_path: Sequence[Path]) -> Path
             return path
     known = list_presets(kind_dir, search_path)
     local = _unsearched_local_preset(kind_dir, preset, search_path)
-    hint = (f" {local} is not searched: ./configs is used only when given explicitly; "
-            "pass --config-dir configs to use it." if local else "")
+    hint = (f" {local} is not searched: ./configs is used only when given explicitly; pass --config-dir "
+            f"configs (or set {CONFIG_PATH_ENV}=configs) to use it." if local else "")
     raise ConfigError(
         f"no preset '{preset}' for '{kind_dir}'.{did_you_mean(preset, known)}{hint} "
         f"Known presets: {', '.join(known) or 'none'} (searched {', '.join(map(str, search_path))})."
@@ -149,7 +150,8 @@ def _warn_ignored_local_preset(kind_dir: str, preset: str, used: Path, search_pa
     _warned_local_presets.add(local.resolve())
     warnings.warn(
         f"{local} is ignored ({kind_dir} preset '{preset}' comes from {used}): ./configs is searched only "
-        "when given explicitly; pass --config-dir configs to use it.", stacklevel=3,
+        f"when given explicitly; pass --config-dir configs (or set {CONFIG_PATH_ENV}=configs) to use it.",
+        stacklevel=3,
     )
 
 

@@ -68,3 +68,16 @@ def test_cli_reports_the_local_only_preset_in_one_line(local_configs, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--config-dir configs" in err[0]
     assert main(["config", "smoke", "router=mine", "--config-dir", "configs"]) == 0
+
+
+def test_a_comparison_only_in_cwd_configs_names_the_environment_variable(local_configs, monkeypatch, capsys):
+    """``aptp compare`` has no --config-dir: the hint also names $APTP_CONFIG_PATH, which works there."""
+    from aptp.cli import main
+
+    (local_configs / "comparison").mkdir()
+    (local_configs / "comparison" / "mine.yaml").write_text("name: mine\nbase: smoke\ncells:\n  a: []\n")
+    assert main(["compare", "mine"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"{CONFIG_PATH_ENV}=configs" in err[-1]
+    monkeypatch.setenv(CONFIG_PATH_ENV, "configs")
+    assert find_preset("comparison", "mine", config_search_path()) == (local_configs / "comparison" / "mine.yaml").resolve()
