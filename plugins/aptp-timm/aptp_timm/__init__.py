@@ -10,7 +10,8 @@
 aptp finds them only through this distribution's ``[project.entry-points.aptp]``
 (``aptp_timm = "aptp_timm.plugin"``); block them with ``APTP_BLOCK_PLUGINS=aptp_timm``.
 
-Presets for ``aptp run`` ship in :data:`CONFIG_DIR`; put it on ``APTP_CONFIG_PATH``.
+Presets for ``aptp run`` / ``aptp compare`` ship in :data:`CONFIG_DIR`, which the plugin's
+``aptp_config_dirs`` hook puts on aptp's preset search path (no flag or variable needed).
 """
 
 from __future__ import annotations
