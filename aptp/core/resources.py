@@ -10,7 +10,9 @@ Two independent ways to count the multiply-accumulates (MACs) of one denoiser ca
   ``meta`` device: no memory, no compute) records the input/output shapes of every module, and a
   *MACs formula* per module type gives the MACs of the module's own matmuls (conv:
   ``out.numel() * C_in/groups * kh * kw``; linear: ``rows * in * out``; diffusers ``Attention``:
-  ``2 * heads * N * M * d`` with M the key length, i.e. the text length for cross-attention).
+  ``2 * heads * N * M * d`` with M the key length, i.e. the text length for cross-attention; joint
+  attention (SD3 / FLUX: ``add_q_proj`` on the text stream) attends over both streams, N = M =
+  N_image + L_text).
   Both count only matmul-like ops (norms, activations, additions are free), as
   ``FlopCounterMode`` does.
 
@@ -32,6 +34,7 @@ count them again.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,9 +118,19 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 
 def _is_attention(module: nn.Module) -> bool:
+    return isinstance(module, _attention_types())
+
+
+@functools.lru_cache(maxsize=1)
+def _attention_types() -> tuple[type, ...]:
+    """diffusers' ``Attention`` and the newer per-model attentions (``FluxAttention``, ...)."""
     from diffusers.models.attention_processor import Attention
 
-    return isinstance(module, Attention)
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+    except ImportError:  # pragma: no cover - older diffusers
+        return (Attention,)
+    return (Attention, AttentionModuleMixin)
 
 
 # ------------------------------------------------------------------------------- MACs formulas
@@ -178,19 +191,34 @@ def _linear_macs(module: nn.Linear, args: tuple, kwargs: dict, output: Any) -> f
 
 
 def _attention_macs(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> float:
-    """diffusers ``Attention``: the two attention matmuls, Q K^T and P V."""
+    """diffusers ``Attention`` (and ``FluxAttention``): the two attention matmuls, Q K^T and P V."""
     inp = _shape(args[0] if args else kwargs.get("hidden_states"))
     b, n = inp[0], (inp[1] if len(inp) == 3 else inp[2] * inp[3])
-    return 2.0 * b * n * _key_len(module, args, kwargs) * module.to_q.out_features  # = 2 B heads N M d
+    m = _key_len(module, args, kwargs)
+    if _is_joint(module, args, kwargs):
+        n = m  # joint attention: the queries are both streams too
+    return 2.0 * b * n * m * module.to_q.out_features  # = 2 B heads N M d
+
+
+def _encoder_states(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    return enc if isinstance(enc, torch.Tensor) else None
+
+
+def _is_joint(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """SD3 / FLUX joint attention: the text stream has its own q/k/v (``add_q_proj``) and attends with the image."""
+    return getattr(module, "add_q_proj", None) is not None and _encoder_states(args, kwargs) is not None
 
 
 def _key_len(module: nn.Module, args: tuple, kwargs: dict) -> int:
-    """M of a diffusers ``Attention`` call: the text length for cross-attention, else the query length."""
-    enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-    if isinstance(enc, torch.Tensor):
-        return int(enc.shape[1])
+    """M of a diffusers ``Attention`` call: the text length for cross-attention, the image plus the
+    text length for joint attention, else the query length."""
     inp = _shape(args[0] if args else kwargs.get("hidden_states"))
-    return inp[1] if len(inp) == 3 else inp[2] * inp[3]
+    n = inp[1] if len(inp) == 3 else inp[2] * inp[3]
+    enc = _encoder_states(args, kwargs)
+    if enc is None:
+        return n
+    return n + int(enc.shape[1]) if _is_joint(module, args, kwargs) else int(enc.shape[1])
 
 
 def _register_builtin_formulas() -> None:
@@ -200,10 +228,11 @@ def _register_builtin_formulas() -> None:
     register_macs_formula(nn.Conv2d, _conv2d_macs)
     register_macs_formula(nn.Linear, _linear_macs)
     try:
-        from diffusers.models.attention_processor import Attention
+        types = _attention_types()
     except ImportError:  # pragma: no cover - diffusers is a core dependency
         return
-    register_macs_formula(Attention, _attention_macs)
+    for attention_type in types:  # AttentionModuleMixin is a mixin, no nn.Module: set directly
+        _MACS_FORMULAS.setdefault(attention_type, _attention_macs)
 
 
 def trace_modules(model: nn.Module, *args: Any, **kwargs: Any) -> Trace:

@@ -115,12 +115,32 @@ def dummy_inputs(conditioning: Conditioning, batch: int = 1, device: str | torch
     return sample, t, text
 
 
+#: denoiser class name -> how to call it with aptp's (sample, t, text) (see :func:`register_denoiser_call`)
+_DENOISER_CALLS: dict[str, Callable[..., Any]] = {}
+
+
+def register_denoiser_call(class_name: str, call: Callable[..., Any]) -> None:
+    """Teach :func:`default_call` a denoiser class whose call convention it cannot guess.
+
+    ``call(denoiser, sample (B, C, H, W), t (B,), text (B, L, D)) -> output`` must compute what the
+    backbone's ``denoise`` computes (the backbone that registers it owns the convention, e.g. SD3's
+    pooled projection or FLUX's packed latents). Keyed by class name, looked up along the class
+    hierarchy, so nothing imports diffusers to register. Registering again replaces the call.
+    """
+    _DENOISER_CALLS[class_name] = call
+
+
 def default_call(denoiser: nn.Module, sample: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> Any:
-    """How the granularities call a denoiser to trace it: diffusers' UNet convention
+    """How the granularities call a denoiser to trace it: a call registered for its class
+    (:func:`register_denoiser_call`), else diffusers' UNet convention
     ``(sample, timestep, encoder_hidden_states)``, or its transformer convention
     ``(hidden_states, encoder_hidden_states=, timestep=, added_cond_kwargs=)`` (DiT / PixArt)."""
     import inspect
 
+    for cls in type(denoiser).__mro__:
+        registered = _DENOISER_CALLS.get(cls.__name__)
+        if registered is not None:
+            return registered(denoiser, sample, t, text)
     params = inspect.signature(denoiser.forward).parameters
     if "sample" in params or "hidden_states" not in params:
         return denoiser(sample, t, encoder_hidden_states=text, return_dict=False)

@@ -19,7 +19,11 @@ zero-width ``conv1``; ``2 C_in`` parameters, under the same state-dict key as in
   (wrapped as diffusers returns it: a tuple or a ``Transformer2DModelOutput``).
 * :class:`SkipTransformerBlock` -- a dropped ``BasicTransformerBlock`` (DiT / PixArt): returns its
   ``hidden_states`` tensor itself, as the block returns a bare tensor.
-* :class:`NoHeadAttention` -- an ``Attention`` with zero heads: ``to_out[0]`` of zeros = its bias.
+* :class:`SkipJointBlock` -- a dropped two-stream block (SD3 ``JointTransformerBlock``, FLUX
+  ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock``): returns ``(encoder_hidden_states,
+  hidden_states)`` as it got them, the blocks' own output order.
+* :class:`NoHeadAttention` -- an ``Attention`` with zero heads: ``to_out[0]`` of zeros = its bias
+  (joint attention: the pair ``(to_out[0]'s bias, to_add_out's bias)`` over each stream's tokens).
 """
 
 from __future__ import annotations
@@ -75,11 +79,26 @@ class SkipTransformerBlock(nn.Module):
         return hidden_states
 
 
+class SkipJointBlock(nn.Module):
+    """A dropped two-stream block: ``(encoder_hidden_states, hidden_states)`` in, the same pair out
+    (the order SD3's and FLUX's blocks return). Ignores ``temb``, rotary embeddings and kwargs."""
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                *args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return encoder_hidden_states, hidden_states
+
+
 class NoHeadAttention(nn.Module):
-    """``Attention`` whose heads were all cut: its output is ``to_out[0]``'s bias (or zeros)."""
+    """``Attention`` whose heads were all cut: its output is ``to_out[0]``'s bias (or zeros).
+
+    Joint attention (``context_dim`` set: SD3 / FLUX double blocks) returns the pair
+    ``(out (B, N, out_dim), context (B, L, context_dim))``, the context being ``to_add_out``'s bias
+    (or zeros, e.g. for SD3's last block whose text output is unused). FLUX's single blocks' attention
+    has no output projection (``out_dim = 0``: an empty (B, N, 0) that its block concatenates)."""
 
     def __init__(self, out_dim: int, bias: torch.Tensor | None, residual_connection: bool = False,
-                 rescale_output_factor: float = 1.0, keep: dict[str, nn.Module] | None = None) -> None:
+                 rescale_output_factor: float = 1.0, keep: dict[str, nn.Module] | None = None,
+                 context_dim: int | None = None, context_bias: torch.Tensor | None = None) -> None:
         """``keep``: the attention's width-independent submodules with parameters (e.g. ``norm_q`` /
         ``norm_k`` of a qk-norm attention), held unused under their own names (same state-dict keys)
         so the parameter count stays the unit space's (see the module docstring)."""
@@ -88,10 +107,21 @@ class NoHeadAttention(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.residual_connection = bool(residual_connection)
         self.rescale_output_factor = float(rescale_output_factor)
+        self.context_dim = None if context_dim is None else int(context_dim)
+        self.context_bias = nn.Parameter(context_bias.detach().clone()) if context_bias is not None else None
         for name, module in (keep or {}).items():
             self.add_module(name, module)
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        enc = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        if self.context_dim is not None and isinstance(enc, torch.Tensor):  # joint: (image, text) outputs
+            ctx = enc.new_zeros(*enc.shape[:-1], self.context_dim)  # (B, L, context_dim)
+            if self.context_bias is not None:
+                ctx = ctx + self.context_bias
+            return self._out(hidden_states), ctx
+        return self._out(hidden_states)
+
+    def _out(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.dim() == 4:  # (B, C, H, W)
             b, _, h, w = hidden_states.shape
             out = hidden_states.new_zeros(b, self.out_dim, h, w)

@@ -19,6 +19,12 @@ Which blocks, in which order:
   blocks the most redundant and the first and last blocks (patch-token entry, output head) the
   most important, hence ``protect=1`` by default. PixArt-alpha (28 blocks) gets 26 units:
   ``13, 14, 12, 15, ..., 1, 26``.
+* **Two-stream transformers** (SD3: ``transformer_blocks`` of ``JointTransformerBlock``; FLUX:
+  ``transformer_blocks`` of ``FluxTransformerBlock`` then ``single_transformer_blocks`` of
+  ``FluxSingleTransformerBlock``): the stacks are read as one sequence of blocks and ordered
+  middle-out over it, never dropping the ``protect`` first and last blocks *of each stack* (FLUX: the
+  first and last double- and single-stream blocks, where the text and image streams enter, merge
+  and leave). SD3-medium (24 blocks) gets 22 units; FLUX.1 (19 + 38) gets 53.
 
 What "block -> identity" means physically (depth as a *residual bypass*):
 
@@ -27,6 +33,9 @@ What "block -> identity" means physically (depth as a *residual bypass*):
 * ``BasicTransformerBlock`` (DiT): output = ``x + attn1(...) + attn2(...) + ff(...)`` (residuals
   inside); dropped, it returns its ``hidden_states`` input (a tensor, not a tuple). Gate: forward
   hook ``y <- x + g (y - x)``; cut: :class:`SkipTransformerBlock`.
+* Two-stream blocks (SD3, FLUX): ``(encoder_hidden_states, hidden_states)`` in and out, residuals
+  inside; dropped, both streams pass unchanged. Gate: ``y <- x + g (y - x)`` on each stream (a
+  stream the block returns as None, SD3's last text output, stays None); cut: :class:`SkipJointBlock`.
 * ``ResnetBlock2D``: output = ``(shortcut(x) + F(x)) / output_scale_factor``; dropped, the residual
   branch ``F`` goes and the shortcut stays. In down stages the last ResNet has in == out channels
   (shortcut = identity: the block becomes the identity). In up stages every ResNet takes
@@ -54,7 +63,7 @@ from torch import nn
 from aptp.core.interfaces import Conditioning, GateGetter, Granularity
 from aptp.core.units import UnitGroup
 from aptp.pruners.granularities._common import HookHandles, expand_gates, get_module, set_module, trace
-from aptp.pruners.granularities._modules import ResidualBypass, SkipTransformer, SkipTransformerBlock
+from aptp.pruners.granularities._modules import ResidualBypass, SkipJointBlock, SkipTransformer, SkipTransformerBlock
 
 
 @dataclass
@@ -102,14 +111,39 @@ def _per_sample(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return g.to(device=like.device, dtype=like.dtype).view(-1, *[1] * (like.dim() - 1))
 
 
-def _transformer_stack(denoiser: nn.Module) -> nn.ModuleList | None:
-    """The top-level ``transformer_blocks`` of a DiT-style denoiser, or None."""
+def _joint_blocks() -> tuple[type, ...]:
+    """Blocks taking and returning ``(encoder_hidden_states, hidden_states)``: SD3's and FLUX's."""
+    from diffusers.models.attention import JointTransformerBlock
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    return (JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock, SkipJointBlock)
+
+
+#: top-level block lists of transformer denoisers, in the order the model runs them
+STACK_NAMES = ("transformer_blocks", "single_transformer_blocks")
+
+
+def _transformer_stacks(denoiser: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The top-level block lists of a transformer denoiser (DiT's ``transformer_blocks``; FLUX's
+    ``transformer_blocks`` and ``single_transformer_blocks``), or [] when it has none of known blocks."""
     from diffusers.models.attention import BasicTransformerBlock
 
-    blocks = getattr(denoiser, "transformer_blocks", None)
-    if isinstance(blocks, nn.ModuleList) and len(blocks) and all(isinstance(b, BasicTransformerBlock) for b in blocks):
-        return blocks
-    return None
+    known = (BasicTransformerBlock, SkipTransformerBlock, *_joint_blocks())
+    stacks = [(n, getattr(denoiser, n, None)) for n in STACK_NAMES]
+    stacks = [(n, b) for n, b in stacks if isinstance(b, nn.ModuleList) and len(b)]
+    if stacks and all(isinstance(b, known) for _, blocks in stacks for b in blocks):
+        return stacks
+    return []
+
+
+def stack_order(lengths: list[int], protect: int) -> list[tuple[int, int]]:
+    """Drop priority over stacked block lists of ``lengths`` run one after the other: (stack, index)
+    pairs middle-out over the whole sequence, without the ``protect`` first and last blocks of each
+    stack. One stack: ``middle_out``. ``stack_order([2, 4], 1) == [(1, 1), (1, 2)]``."""
+    seq = [(s, i) for s, n in enumerate(lengths) for i in range(n)]
+    inner = [k for k, (s, i) in enumerate(seq) if protect <= i < lengths[s] - protect]
+    mid = (len(seq) - 1) / 2
+    return [seq[k] for k in sorted(inner, key=lambda k: (abs(k - mid), k))]
 
 
 class Depth(Granularity):
@@ -125,20 +159,20 @@ class Depth(Granularity):
         down, up = getattr(denoiser, "down_blocks", None), getattr(denoiser, "up_blocks", None)
         if down is not None and up is not None and len(down) == len(up):
             return self._unet_paths(denoiser, down, up)
-        stack = _transformer_stack(denoiser)
-        if stack is not None:
-            order = middle_out(len(stack), self.config.protect)
+        stacks = _transformer_stacks(denoiser)
+        if stacks:
+            order = stack_order([len(b) for _, b in stacks], self.config.protect)
             if not order:
                 raise ValueError(
-                    f"{type(denoiser).__name__} has {len(stack)} transformer_blocks and depth protects "
-                    f"protect={self.config.protect} at each end, so no block can drop; lower depth.protect "
-                    "or drop the 'depth' granularity."
+                    f"{type(denoiser).__name__} has {' + '.join(f'{len(b)} {n}' for n, b in stacks)} and depth "
+                    f"protects protect={self.config.protect} at each end of each, so no block can drop; lower "
+                    "depth.protect or drop the 'depth' granularity."
                 )
-            return [f"transformer_blocks.{i}" for i in order]
+            return [f"{stacks[s][0]}.{i}" for s, i in order]
         raise ValueError(
             f"depth needs a UNet with as many down_blocks as up_blocks, or a transformer denoiser with "
-            f"transformer_blocks of BasicTransformerBlock, got {type(denoiser).__name__}; drop the 'depth' "
-            "granularity for this denoiser."
+            f"transformer_blocks of BasicTransformerBlock, got {type(denoiser).__name__} (SD3's and FLUX's two-stream "
+            "blocks work too); drop the 'depth' granularity for this denoiser."
         )
 
     def _unet_paths(self, denoiser: nn.Module, down: nn.ModuleList, up: nn.ModuleList) -> list[str]:
@@ -175,8 +209,12 @@ class Depth(Granularity):
         from diffusers.models.resnet import ResnetBlock2D
 
         handles = []
+        joint = _joint_blocks()
         for j, p in enumerate(group.unit_paths):
             m = get_module(denoiser, p)
+            if isinstance(m, joint):
+                handles.append(m.register_forward_hook(_joint_hook(gates, j, p), with_kwargs=True))
+                continue
             resnet = isinstance(m, ResnetBlock2D)
 
             def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, j: int = j, resnet: bool = resnet,
@@ -205,9 +243,29 @@ class Depth(Granularity):
             if bool(keep[j]):
                 continue
             m = get_module(denoiser, p)
-            if isinstance(m, (ResnetBlock2D, ResidualBypass)):
+            if isinstance(m, _joint_blocks()):
+                set_module(denoiser, p, SkipJointBlock())
+            elif isinstance(m, (ResnetBlock2D, ResidualBypass)):
                 set_module(denoiser, p, ResidualBypass(m.conv_shortcut, m.output_scale_factor))
             elif isinstance(m, (BasicTransformerBlock, SkipTransformerBlock)):
                 set_module(denoiser, p, SkipTransformerBlock())
             else:
                 set_module(denoiser, p, SkipTransformer())
+
+
+def _joint_hook(gates: GateGetter, j: int, path: str):
+    """Forward hook of a two-stream block: ``y <- x + g (y - x)`` on ``(encoder_hidden_states,
+    hidden_states)``, the order these blocks take (as keywords, or positionally under gradient
+    checkpointing) and return."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        g = gates()  # (B_g, U_depth) or None
+        if g is None:
+            return None
+        h = args[0] if args else kwargs["hidden_states"]  # (B, N, C)
+        e = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")  # (B, L, C)
+        gj = _per_sample(expand_gates(g, h.shape[0], path)[:, j], h)  # (B, 1, 1)
+        y_e, y_h = output
+        return (None if y_e is None else e + gj * (y_e - e), h + gj * (y_h - h))
+
+    return hook

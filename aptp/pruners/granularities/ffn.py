@@ -8,6 +8,11 @@ is a contiguous run of ``s = F / n`` inner channels (``n = num_units``, 32 as in
 * cut: ``proj`` rows of the unit in *each* half, ``net[2]`` columns (a fully cut FFN keeps zero-width
   linears: ``net[2]`` of an empty input is its bias, exactly the gated value);
 * MACs per unit: ``(MACs(proj) + MACs(net[2])) / n``.
+
+FLUX's single blocks (``FluxSingleTransformerBlock``) run their MLP in parallel with attention:
+``proj_out(cat([attn (B, N, h d), act(proj_mlp(x)) (B, N, F)]))``. Their MLP is the same kind of unit
+(group path = the block): ``proj_mlp`` rows and the last ``F`` input columns of the fused ``proj_out``
+(the gate multiplies those columns; MACs count ``proj_out`` for its ``F`` columns' share).
 """
 
 from __future__ import annotations
@@ -41,19 +46,28 @@ class FFNConfig:
             raise ValueError(f"num_units={self.num_units} must be >= 1 (the paper uses 32 groups per FFN).")
 
 
+def _is_fused_mlp(m: nn.Module) -> bool:
+    """A parallel attention + MLP block with a fused output (FLUX's ``FluxSingleTransformerBlock``)."""
+    proj, out = getattr(m, "proj_mlp", None), getattr(m, "proj_out", None)
+    return isinstance(proj, nn.Linear) and isinstance(out, nn.Linear) and out.in_features >= proj.out_features
+
+
 def _feedforwards(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
     from diffusers.models.attention import FeedForward
 
-    return [(p, m) for p, m in denoiser.named_modules() if isinstance(m, FeedForward)]
+    return [(p, m) for p, m in denoiser.named_modules() if isinstance(m, FeedForward) or _is_fused_mlp(m)]
 
 
-def _layout(ff: nn.Module) -> tuple[nn.Linear, nn.Linear, int, int]:
-    """(proj, out, F inner width, k halves)."""
+def _layout(ff: nn.Module) -> tuple[nn.Linear, nn.Linear, int, int, int]:
+    """(proj, out, F inner width, k halves, first input column of ``out`` that the MLP feeds)."""
+    if _is_fused_mlp(ff):  # proj_out(cat([attention, mlp])): the MLP owns the last F columns
+        proj, out = ff.proj_mlp, ff.proj_out
+        return proj, out, proj.out_features, 1, out.in_features - proj.out_features
     proj, out = ff.net[0].proj, ff.net[2]
     f = out.in_features
     if proj.out_features % f:
         raise ValueError(f"feed-forward proj width {proj.out_features} is no multiple of its inner width {f}.")
-    return proj, out, f, proj.out_features // f
+    return proj, out, f, proj.out_features // f, 0
 
 
 class FFN(Granularity):
@@ -74,10 +88,11 @@ class FFN(Granularity):
         tr = trace(denoiser, conditioning)
         groups = []
         for path, ff in _feedforwards(denoiser):
-            proj, out, f, k = _layout(ff)
+            proj, out, f, k, _ = _layout(ff)
             n = self._units(f, path)
             s = f // n
-            macs = tr.macs(f"{path}.net.0.proj") + tr.macs(f"{path}.net.2")
+            rel = {id(m): q for q, m in ff.named_modules()}  # net.0.proj / net.2, or proj_mlp / proj_out
+            macs = tr.macs(f"{path}.{rel[id(proj)]}") + tr.macs(f"{path}.{rel[id(out)]}") * f / out.in_features
             params = s * k * (proj.in_features + (1 if proj.bias is not None else 0)) + s * out.out_features
             groups.append(UnitGroup(self.kind, path, n, macs / n, params,
                                     meta={"channels_per_unit": s, "halves": k}))
@@ -85,33 +100,39 @@ class FFN(Granularity):
 
     def unit_magnitude(self, denoiser: nn.Module, group: UnitGroup) -> torch.Tensor:
         """(n,) L2 norm of each group's proj rows (every half) and net[2] columns."""
-        proj, out, f, k = _layout(get_module(denoiser, group.path))
+        proj, out, f, k, off = _layout(get_module(denoiser, group.path))
         sq = proj.weight.detach().float().pow(2).sum(1).view(k, f).sum(0)  # (F,)
-        sq = sq + out.weight.detach().float().pow(2).sum(0)
+        sq = sq + out.weight.detach().float()[:, off:off + f].pow(2).sum(0)
         return sq.view(group.num_units, -1).sum(1).sqrt().cpu()
 
     def unit_channels(self, denoiser: nn.Module, group: UnitGroup) -> UnitChannels:
-        """``net[2]``'s input channels, ``F / n`` per unit (the gate's place)."""
-        _, out, f, _ = _layout(get_module(denoiser, group.path))
+        """``net[2]``'s input channels, ``F / n`` per unit (the gate's place); FLUX's fused blocks are refused."""
+        _, out, f, _, off = _layout(get_module(denoiser, group.path))
+        if off:
+            raise NotImplementedError(f"{group.path}: the MLP feeds a fused proj_out from column {off}; cut it with "
+                                      "aptp's own cut (cut_backend: aptp), not a channel pruner.")
         return UnitChannels(out, f // group.num_units)
 
     def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> HookHandles:
-        ff = get_module(denoiser, group.path)
-        s = ff.net[2].in_features // group.num_units
+        _, out, f, _, off = _layout(get_module(denoiser, group.path))
+        s = f // group.num_units
 
         def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
             g = gates()  # (B_g, n) or None
             if g is None:
                 return None
-            x = args[0]  # (B, N, F)
+            x = args[0]  # (B, N, F); a fused proj_out: (B, N, h d + F)
             cg = units_to_channels(expand_gates(g, x.shape[0], group.path), s)  # (B, F)
-            return (x * cg.to(device=x.device, dtype=x.dtype).unsqueeze(1), *args[1:])
+            cg = cg.to(device=x.device, dtype=x.dtype).unsqueeze(1)  # (B, 1, F)
+            if off:
+                return (torch.cat([x[..., :off], x[..., off:] * cg], dim=-1), *args[1:])
+            return (x * cg, *args[1:])
 
-        return HookHandles([ff.net[2].register_forward_pre_hook(pre_hook)])
+        return HookHandles([out.register_forward_pre_hook(pre_hook)])
 
     def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
         ff = get_module(denoiser, group.path)
-        proj, out, f, k = _layout(ff)
+        proj, out, f, k, off = _layout(ff)
         idx = channel_index(keep, f // group.num_units)  # (kept channels,)
         slice_linear(proj, rows=torch.cat([idx + h * f for h in range(k)]))
-        slice_linear(out, cols=idx)
+        slice_linear(out, cols=torch.cat([torch.arange(off), off + idx]) if off else idx)
