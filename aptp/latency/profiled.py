@@ -6,23 +6,32 @@ denoiser at the configured device, dtype and batch, at the unit space's resoluti
 
 * each width unit group ``g`` (a ResNet, an ``Attention``, a ``FeedForward``): its module alone, fed
   the inputs it receives in the dense forward, cut by its granularity to ``k`` kept units for ``k``
-  in a few *buckets* ``0 = k_0 < k_1 < ... < k_m = n`` -> ``f_g(k_i)`` ms (``k = 0`` is what the cut
-  leaves at width zero: a residual bypass, a zero-head attention);
+  in a few *buckets* ``0 = k_0 < 1 = k_1 < ... < k_m = n`` -> ``f_g(k_i)`` ms (``k = 0`` is what the
+  cut leaves at width zero: a residual bypass, a zero-head attention; ``k = 1`` the smallest block,
+  so the step between them, the block's fixed cost, is measured rather than interpolated);
 * each depth unit ``d`` (a droppable block): the block dense and as the bypass its depth cut leaves
   -> its *fixed cost* ``c_d = T(block) - sum_{g in d} f_g(n_g)`` (norms, activations, projections,
   residual additions, dispatch: everything in the block no width unit owns) and ``b_d = T(bypass)``;
-* the whole dense model -> the unprunable rest ``r = T(model) - sum_g f_g(n_g) - sum_d c_d``.
+* the whole dense model -> the unprunable rest ``r = T(model) - sum_g f_g(n_g) - sum_d c_d``; and the
+  model cut to no unit at all -> ``T_min`` (see the calibration below).
 
 Prediction for an architecture ``a`` (..., U), differentiable in ``a``::
 
     k_g  = sum of g's gates                                   # (...) kept units, soft while training
     f_g  = piecewise linear interpolation of the table at k_g # monotone in k_g (cumulative max)
-    T(a) = r + sum_{g outside depth units} f_g
+    P(a) = r + sum_{g outside depth units} f_g
              + sum_d [ a_d (c_d + sum_{g in d} f_g) + (1 - a_d) b_d ]
 
-It is exact on the dense model and on every profiled point of a group (by construction), and its
-error elsewhere is the non-additivity of module times (caches, overlap), measured by
-``benchmarks/latency_model/``. The table is cached on disk (JSON), keyed by the device, torch's
+Module times measured alone do not add up to the model's time (a module alone runs with its
+weights in cache; in the model they compete), and the gap grows with the model, so a constant rest
+over-predicts small models. The model cut to *no* unit is measured too (``T_min``), and the sum
+above, ``P(a)``, is mapped affinely onto the two measured ends::
+
+    T(a) = T_min + (P(a) - P_min) (T_dense - T_min) / (T_dense - P_min)
+
+which is the identity for an exactly additive cost. The prediction is exact on the dense and the
+smallest model, and the table on every profiled point of a group (by construction); the error
+elsewhere is what is left of the non-additivity, measured by ``benchmarks/latency_model/``. The table is cached on disk (JSON), keyed by the device, torch's
 version, dtype, batch, threads, shapes, the unit space and the model's structure (module types and
 parameter shapes, not values) and the measuring settings; any change measures again.
 """
@@ -54,7 +63,7 @@ from aptp.latency.base import LatencyContext, LatencyModel
 #: a timer takes zero-argument candidates and returns each one's latency (ms)
 Timer = Callable[[Mapping[str, Callable[[], Any]]], dict[str, float]]
 
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2
 CACHE_ENV = "APTP_LATENCY_CACHE"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -95,6 +104,7 @@ class LatencyTable:
     key: dict[str, Any]
     dense_ms: float  # the whole dense model, measured
     rest_ms: float  # what no unit and no depth unit owns
+    smallest_ms: float | None = None  # the model cut to no unit at all, measured (None: no calibration)
     knots: list[list[int]] = field(default_factory=list)  # per group: kept units measured (width groups)
     ms: list[list[float]] = field(default_factory=list)  # per group: monotone latency at the knots
     raw_ms: list[list[float]] = field(default_factory=list)  # per group: as measured
@@ -112,8 +122,10 @@ class LatencyTable:
 
 
 def bucket_points(n: int, buckets: int) -> list[int]:
-    """Kept-unit counts measured for a group of ``n`` units: 0, then ``buckets`` points up to ``n``."""
-    return sorted({0, *(math.ceil(n * i / buckets) for i in range(1, buckets + 1))})
+    """Kept-unit counts measured for a group of ``n`` units: 0 (the block's bypass), 1 (the step
+    from the bypass to the smallest block: its fixed cost, which no interpolation from 0 sees),
+    then ``buckets`` evenly spaced points up to ``n``."""
+    return sorted({0, min(1, n), *(math.ceil(n * i / buckets) for i in range(1, buckets + 1))})
 
 
 def device_name(device: torch.device) -> str:
@@ -275,7 +287,7 @@ class ProfiledLatency(LatencyModel):
     def profile(self, context: LatencyContext, device: torch.device, dtype: torch.dtype,
                 key: dict[str, Any]) -> LatencyTable:
         """Measure the table (see the module docstring) on a copy of the denoiser."""
-        from aptp.pruners.gating import kind_of, strip_gate_hooks
+        from aptp.pruners.gating import cut_model, kind_of, strip_gate_hooks
 
         space, cond, c = context.unit_space, context.conditioning, self.config
         by_kind = {kind_of(g): g for g in context.granularities}
@@ -302,7 +314,10 @@ class ProfiledLatency(LatencyModel):
         paths = {grp.path for grp in space.groups if not grp.unit_paths}
         paths |= {p for grp in space.groups for p in grp.unit_paths}
         inputs = capture_inputs(model, paths, dense_call)
-        dense_ms = timer({"dense": dense_call})["dense"]
+        smallest = cut_model(model, space, context.granularities, torch.zeros(space.size))
+        ends = timer({"dense": dense_call, "smallest": lambda: context.call(smallest, x, t, text)})
+        dense_ms, smallest_ms = float(ends["dense"]), float(ends["smallest"])
+        del smallest
 
         knots: list[list[int]] = []
         raw: list[list[float]] = []
@@ -344,8 +359,8 @@ class ProfiledLatency(LatencyModel):
                 fixed[p] = block_ms - sum(mono[i][-1] for i in nested)
                 bypass[p] = float(times["bypass"]) * calls
         rest = dense_ms - sum(m[-1] for m in mono if m) - sum(fixed.values())
-        return LatencyTable(key=key, dense_ms=float(dense_ms), rest_ms=float(rest), knots=knots, ms=mono,
-                            raw_ms=raw, fixed_ms=fixed, bypass_ms=bypass)
+        return LatencyTable(key=key, dense_ms=float(dense_ms), rest_ms=float(rest), smallest_ms=smallest_ms,
+                            knots=knots, ms=mono, raw_ms=raw, fixed_ms=fixed, bypass_ms=bypass)
 
     # ------------------------------------------------------------------------------ prediction
     def bind(self, table: LatencyTable, space: UnitSpace) -> None:
@@ -363,6 +378,14 @@ class ProfiledLatency(LatencyModel):
             v = torch.tensor(ms, dtype=torch.float64)
             slope = (v[1:] - v[:-1]) / (x[1:] - x[:-1])  # (m,)
             self._hinges.append((x, v, slope))
+        # calibration T = offset + scale * P: exact on the dense and on the smallest model (P = the sum of
+        # module times and rest, exact on the dense model by construction); identity for an additive cost
+        self._offset, self._scale = 0.0, 1.0
+        if table.smallest_ms is not None:
+            p_min = float(self._additive(torch.zeros(space.size, dtype=torch.float64)))
+            if table.dense_ms - p_min > 0 and table.dense_ms - table.smallest_ms > 0:
+                self._scale = (table.dense_ms - table.smallest_ms) / (table.dense_ms - p_min)
+                self._offset = table.smallest_ms - self._scale * p_min
 
     def _require_fit(self) -> None:
         if self.table is None or self.space is None:
@@ -378,8 +401,12 @@ class ProfiledLatency(LatencyModel):
 
     def latency(self, arch: torch.Tensor) -> torch.Tensor:
         self._require_fit()
+        self.space.check(arch)
+        return self._offset + self._scale * self._additive(arch)
+
+    def _additive(self, arch: torch.Tensor) -> torch.Tensor:
+        """The sum of the measured parts (..., U) -> (...) ms, before calibration."""
         space, table = self.space, self.table
-        space.check(arch)
         a = arch.to(torch.float64)
         total = torch.full(a.shape[:-1], table.rest_ms, dtype=torch.float64, device=a.device)
         in_block: dict[str, torch.Tensor] = {}

@@ -37,9 +37,10 @@ class _Call(torch.nn.Module):
 
 
 def test_bucket_points():
-    assert bucket_points(32, 8) == [0, 4, 8, 12, 16, 20, 24, 28, 32]
+    assert bucket_points(32, 8) == [0, 1, 4, 8, 12, 16, 20, 24, 28, 32]
     assert bucket_points(3, 8) == [0, 1, 2, 3]
-    assert bucket_points(10, 4) == [0, 3, 5, 8, 10]
+    assert bucket_points(10, 4) == [0, 1, 3, 5, 8, 10]
+    assert bucket_points(1, 4) == [0, 1]
 
 
 def test_exact_on_profiled_points_and_additive_cost(context, flop_timer, tmp_path, tiny):
@@ -136,3 +137,18 @@ def test_damaged_cache_is_measured_again(context, flop_timer, tmp_path):
 def test_unfitted_model_says_what_to_do(tiny):
     with pytest.raises(RuntimeError, match="fit"):
         ProfiledLatency().latency(tiny[3].dense())
+
+
+def test_calibrated_to_the_dense_and_the_smallest_model(context, flop_timer, tmp_path, tiny):
+    """A non-additive cost (module times do not sum to the model's): the prediction is still exact
+    on the two whole models measured, the dense one and the one cut to no unit."""
+
+    def concave(candidates):
+        return {k: v ** 0.8 for k, v in flop_timer(candidates).items()}
+
+    model = fitted(context, concave, tmp_path, buckets=2)
+    space = tiny[3]
+    dense, smallest = space.dense().double(), torch.zeros(space.size, dtype=torch.float64)
+    assert model.latency(dense).item() == pytest.approx(cut_macs(tiny, dense) ** 0.8, rel=1e-9)
+    assert model.latency(smallest).item() == pytest.approx(cut_macs(tiny, smallest) ** 0.8, rel=1e-9)
+    assert model.table.smallest_ms == pytest.approx(cut_macs(tiny, smallest) ** 0.8, rel=1e-9)
