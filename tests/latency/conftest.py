@@ -1,34 +1,18 @@
 """Fixtures of the latency tests: the tiny backbone's denoiser, its unit space, and a *fake timer*
-that reports a candidate's MACs (FlopCounterMode) in millions as its "milliseconds": deterministic,
-exactly additive over modules and linear in kept units, so the profiled model must predict it exactly."""
+(:class:`fake_timers.FlopTimer`) that reports a candidate's MACs in millions as its "milliseconds":
+deterministic, exactly additive over modules and linear in kept units, so the profiled model must
+predict it exactly."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from aptp.core.plugins import default_registry
-from aptp.core.resources import _register_cpu_sdpa_formula
 from aptp.latency.base import LatencyContext
 from aptp.pruners.gating import build_unit_space
 
-
-class FlopTimer:
-    """A timer for ``ProfiledLatency.timer``: MACs / 1e6 of each candidate, and how often it was asked."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, candidates):
-        _register_cpu_sdpa_formula()
-        self.calls += 1
-        out = {}
-        for name, fn in candidates.items():
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                fn()
-            out[name] = counter.get_total_flops() / 2 / 1e6
-        return out
+from fake_timers import FlopTimer
 
 
 @pytest.fixture(scope="session")

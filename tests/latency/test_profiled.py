@@ -13,6 +13,8 @@ from aptp.pruners.gating import cut_model
 from aptp.pruners.granularities._common import dummy_inputs
 from aptp.testing import random_architectures
 
+from fake_timers import dispatch_timer
+
 
 def fitted(context, timer, tmp_path, **kw) -> ProfiledLatency:
     model = ProfiledLatency(ProfiledLatencyConfig(cache_dir=str(tmp_path), **kw))
@@ -152,3 +154,26 @@ def test_calibrated_to_the_dense_and_the_smallest_model(context, flop_timer, tmp
     assert model.latency(dense).item() == pytest.approx(cut_macs(tiny, dense) ** 0.8, rel=1e-9)
     assert model.latency(smallest).item() == pytest.approx(cut_macs(tiny, smallest) ** 0.8, rel=1e-9)
     assert model.table.smallest_ms == pytest.approx(cut_macs(tiny, smallest) ** 0.8, rel=1e-9)
+
+
+def test_depth_units_carry_their_fixed_cost(context, flop_timer, tmp_path, tiny):
+    """With a cost per module call (norms, activations, dispatch: no MACs), dropping a block saves
+    more than cutting its width units to zero, and the priced unit space charges the depth unit that
+    fixed cost; the MACs space charges only the block's MACs (its norms have none)."""
+    model = fitted(context, dispatch_timer, tmp_path, buckets=2)
+    space = tiny[3]
+    (d,) = [i for i, g in enumerate(space.groups) if g.unit_paths]
+    depth = space.groups[d]
+    priced = model.priced_space(space)
+    for j, p in enumerate(depth.unit_paths):
+        if ".attentions." not in p:
+            continue
+        dense = space.dense().double()
+        drop, narrow = dense.clone(), dense.clone()
+        drop[space.group_slice(d).start + j] = 0.0
+        for i, g in enumerate(space.groups):
+            if g.parent == p:
+                narrow[space.group_slice(i)] = 0.0
+        assert model.latency(drop) < model.latency(narrow) - 0.02, p  # norms, projections, dispatch
+        assert model.table.fixed_ms[p] > model.table.bypass_ms[p] >= 0.0
+        assert priced.groups[d].unit_macs[j] > 0.0

@@ -8,35 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from aptp.core.errors import ConfigError
-from aptp.core.resources import _register_cpu_sdpa_formula
 from aptp.latency.profiled import ProfiledLatency
+
+from fake_timers import dispatch_timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "procedures"))
 from runs import read_log, run_experiment  # noqa: E402
-
-
-def dispatch_timer(candidates):
-    """'ms' = MACs / 1e5 + 0.02 per module call: a model whose small widths are not free."""
-    _register_cpu_sdpa_formula()
-    out = {}
-    for name, fn in candidates.items():
-        calls = [0]
-
-        def count(module, args, output):
-            calls[0] += 1
-
-        handle = torch.nn.modules.module.register_module_forward_hook(count)
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                fn()
-        finally:
-            handle.remove()
-        out[name] = counter.get_total_flops() / 2 / 1e5 + 0.02 * calls[0]
-    return out
 
 
 @pytest.fixture
