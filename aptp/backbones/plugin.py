@@ -9,9 +9,23 @@ def aptp_register_backbones(registry):
 
     registry.add("unet", UNetBackbone)
     registry.add("dit", _dit())
+    registry.add("sd3", _sd3())
+    registry.add("flux", _flux())
 
 
 def _dit():
     from aptp.backbones.transformer import DiTBackbone
 
     return DiTBackbone
+
+
+def _sd3():
+    from aptp.backbones.sd3 import SD3Backbone
+
+    return SD3Backbone
+
+
+def _flux():
+    from aptp.backbones.flux import FluxBackbone
+
+    return FluxBackbone
