@@ -2,7 +2,9 @@
 
 Unit ``j`` of a ``ResnetBlock2D`` is the ``j``-th group of ``norm2``: ``s = C / G`` contiguous
 channels of the inner width ``C`` (``conv1``'s output). Whole groups keep GroupNorm's statistics
-of the surviving channels unchanged, so the cut is exact.
+of the surviving channels unchanged, so the cut is exact. With ``channels_per_unit`` a unit is a
+run of whole groups aligned to that many channels (a hardware-friendly width, see
+:func:`unit_width`); everything below holds per unit.
 
 * gate: a forward pre-hook on ``conv2`` multiplies its input, i.e. the activations *after*
   ``norm2`` + SiLU (+ dropout), by the expanded gates ``g`` (B, G) -> (B, C, 1, 1);
@@ -19,6 +21,7 @@ of the surviving channels unchanged, so the cut is exact.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +45,27 @@ from aptp.pruners.granularities._modules import ResidualBypass
 
 @dataclass
 class ResnetChannelsConfig:
-    """One unit per GroupNorm group of each ResNet's ``norm2`` (no parameters)."""
+    """channels_per_unit: 0 (the default, the paper's) = one GroupNorm group of ``norm2`` per unit;
+    ``n > 0`` = hardware-aligned units of whole groups: ``lcm(C / G, n)`` channels (e.g. 16 for a CPU's
+    vector width), or the smallest multiple of that which divides the block's width ``C`` (at most
+    the whole block, one unit)."""
+
+    channels_per_unit: int = 0
+
+    def __post_init__(self) -> None:
+        if self.channels_per_unit < 0:
+            raise ValueError(f"channels_per_unit={self.channels_per_unit} must be >= 0 (0: one GroupNorm group "
+                             "per unit; e.g. 16 for units aligned to 16 channels).")
+
+
+def unit_width(c: int, groups: int, channels_per_unit: int) -> int:
+    """Channels per unit of a ResNet of inner width ``c`` with ``groups`` GroupNorm groups: whole
+    groups, aligned to ``channels_per_unit`` (0: one group), dividing ``c``."""
+    s = c // groups
+    if channels_per_unit <= 0:
+        return s
+    step = math.lcm(s, channels_per_unit)
+    return next((m for m in range(step, c + 1, step) if c % m == 0), c)
 
 
 def _resnets(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -61,8 +84,9 @@ class ResnetChannels(Granularity):
         tr = trace(denoiser, conditioning)
         groups = []
         for path, r in _resnets(denoiser):
-            c, n = r.conv1.out_channels, r.norm2.num_groups  # C inner channels, G groups
-            s = c // n  # channels per unit
+            c = r.conv1.out_channels  # C inner channels
+            s = unit_width(c, r.norm2.num_groups, self.config.channels_per_unit)  # channels per unit
+            n = c // s  # units (G with the default: one GroupNorm group each)
             macs = tr.macs(f"{path}.conv1") + tr.macs(f"{path}.conv2")
             params = s * (r.conv1.weight[0].numel() + (1 if r.conv1.bias is not None else 0))
             params += s * 2  # norm2 weight + bias
@@ -121,7 +145,8 @@ class ResnetChannels(Granularity):
             rows = torch.cat([idx + h * c for h in range(halves)])
             slice_linear(r.time_emb_proj, rows=rows)
         n2 = r.norm2
+        per_unit = n2.num_groups // group.num_units  # GroupNorm groups per unit (1 by default)
         n2.weight = nn.Parameter(n2.weight[idx.to(n2.weight.device)].clone(), n2.weight.requires_grad)
         n2.bias = nn.Parameter(n2.bias[idx.to(n2.bias.device)].clone(), n2.bias.requires_grad)
-        n2.num_channels, n2.num_groups = int(idx.numel()), int(keep.sum())
+        n2.num_channels, n2.num_groups = int(idx.numel()), int(keep.sum()) * per_unit
         slice_conv(r.conv2, inp=idx)
