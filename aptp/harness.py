@@ -123,8 +123,10 @@ def dense_pipeline(run_dir: str | Path) -> RoutedPipeline:
 
 
 def deterministic_modules(modules: BackboneModules, sampler: str) -> BackboneModules:
-    """``modules`` with a DDIM scheduler (eta 0: no noise after the initial one) on the same schedule."""
-    if sampler == "backbone":
+    """``modules`` with a DDIM scheduler (eta 0: no noise after the initial one) on the same schedule.
+    A flow-matching backbone (SD3, FLUX) keeps its Euler flow sampler, which is deterministic already
+    (DDIM's noise schedule does not apply to it)."""
+    if sampler == "backbone" or "FlowMatch" in type(modules.scheduler).__name__:
         return modules
     from diffusers import DDIMScheduler
 

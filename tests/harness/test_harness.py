@@ -74,3 +74,16 @@ def test_compare_from_python_refuses_a_cell_name_that_escapes_its_folder(tmp_pat
     with pytest.raises(ConfigError, match="is not a name"):
         compare("smoke", {"../escaped": []}, EvalConfig(), tmp_path / "cmp")
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "cmp").exists()
+
+
+def test_the_deterministic_sampler_keeps_a_flow_matching_scheduler():
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from aptp.core.interfaces import BackboneModules
+    from aptp.harness import deterministic_modules
+
+    flow = BackboneModules(denoiser=None, scheduler=FlowMatchEulerDiscreteScheduler())
+    assert deterministic_modules(flow, "ddim").scheduler is flow.scheduler  # Euler flow sampling: deterministic
+    ddpm = BackboneModules(denoiser=None, scheduler=DDPMScheduler(num_train_timesteps=100))
+    ddim = deterministic_modules(ddpm, "ddim").scheduler
+    assert isinstance(ddim, DDIMScheduler) and ddim.config.num_train_timesteps == 100
