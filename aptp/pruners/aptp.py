@@ -56,6 +56,7 @@ from aptp.pruners.training import (
     step_generator,
 )
 from aptp.routers import distributed as D
+from aptp.routers._checks import check_enough_prompts
 from aptp.routers.losses import contrastive_loss, resource_loss, spread_losses
 
 
@@ -163,6 +164,8 @@ class AptpPruner(Pruner):
         with open_run(output_dir, composition.config, composition.registry):  # lock; refuse another config's folder
             ctx = TrainContext(composition, self.config.data, output_dir, progress=self.config.progress,
                                min_snr_gamma=self.config.min_snr_gamma)
+            # more experts than distinct training prompts would leave an expert without prompts of its own
+            check_enough_prompts(router.num_experts, prompts=ctx.captions)
             ids = None
             if fixed:
                 from aptp.routers.ot import OTRouter, OTRouterConfig

@@ -91,13 +91,14 @@ def test_random_partition_fit_refuses_empty_groups():
     RandomPartitionRouter(RandomPartitionRouterConfig(num_experts=3)).fit(_repeated(3, 2))
 
 
-@pytest.mark.parametrize("pruner", [[], ["pruner=static", "assignment=magnitude", "pruner.finetune.steps=1",
-                                         "pruner.finetune.batch_size=2"]])
+@pytest.mark.parametrize("pruner", [["router=kmeans"], ["router=ot"],
+                                    ["router=kmeans", "pruner=static", "assignment=magnitude",
+                                     "pruner.finetune.steps=1", "pruner.finetune.batch_size=2"]])
 def test_pruners_refuse_more_experts_than_distinct_prompts(pruner, case_dir, capsys):
-    """smoke's 16 world prompts hold 14 distinct texts: 16 k-means experts pass the config check
-    (16 <= 16 samples) and are refused once the prompts are drawn (APTP through the router's fit,
-    static by the pruner itself), before any training step."""
-    rc = main(["run", "smoke", *TINY, *pruner, "router=kmeans", "router.num_experts=16",
+    """smoke's 16 world prompts hold 14 distinct texts: 16 experts pass the config check (16 <= 16
+    samples) and are refused once the prompts are drawn (APTP with learned OT codes and with a
+    fixed router, static), before any training step."""
+    rc = main(["run", "smoke", *TINY, *pruner, "router.num_experts=16",
                "--output-dir", str(case_dir / "run")])
     line = _one_error_line(capsys, rc)
     assert "router.num_experts=16 is more than the 14 distinct training prompts (16 prompts, some repeated)" in line
