@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list registered components by kind, with the distribution providing each",
                        description="List every registered component, grouped by kind, with the plugin "
                        "distribution that provides it. Block a plugin with APTP_BLOCK_PLUGINS=name.")
-    p.add_argument("kind", nargs="?", help="only this kind (backbone, granularity, encoder, balancer, router, "
-                   "assignment, pruner, metric)")
+    from aptp.core.registry import KINDS
+
+    p.add_argument("kind", nargs="?", choices=KINDS, metavar="KIND", help=f"only this kind ({', '.join(KINDS)})")
     p.set_defaults(func=_cmd_list)
 
     overrides_help = ("overrides: SLOT=PRESET picks another preset (router=kmeans), DOTTED.KEY=VALUE sets a "
