@@ -30,6 +30,7 @@ from torch import nn
 
 from aptp.core.interfaces import Backbone, BackboneModules, PromptEncoder, Router
 from aptp.core.registry import Registry
+from aptp.pruners.expert import gathered
 
 ExpertSource = nn.Module | Callable[[], nn.Module]
 
@@ -76,10 +77,13 @@ class RoutedPipeline:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  max_batch_size: int = 16, resident: bool = True, registry: Registry | None = None,
-                 modules: BackboneModules | None = None) -> RoutedPipeline:
+                 modules: BackboneModules | None = None, shared: bool = False) -> RoutedPipeline:
         """Load the output of ``aptp run`` (``config.yaml``, ``router/``, ``experts/expert-k``); experts
         are loaded lazily on first use. ``modules``: the already loaded parts of the same backbone
-        (text encoder, scheduler, VAE) to share instead of loading them again."""
+        (text encoder, scheduler, VAE) to share instead of loading them again. Experts saved with
+        shared storage take their weights from ``modules.denoiser`` (the one dense copy):
+        ``shared=True`` keeps them as :class:`~aptp.pruners.expert.SharedExpert` (one dense copy plus
+        K diffs resident), ``shared=False`` materialises each (plain diffusers models)."""
         from aptp.core.config import instantiate_config, validate
         from aptp.core.plugins import default_registry
         from aptp.pruners.expert import load_expert
@@ -93,13 +97,14 @@ class RoutedPipeline:
         spec = registry["backbone"].get(config.backbone.name)
         backbone = spec.build(instantiate_config(spec, config.backbone))
         bundle = load_router_bundle(run_dir / "router", registry)
-        experts: dict[int, ExpertSource] = {}
-        for k in range(bundle.num_experts):
-            folder = run_dir / "experts" / f"expert-{k}"
+        folders = [run_dir / "experts" / f"expert-{k}" for k in range(bundle.num_experts)]
+        for k, folder in enumerate(folders):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{folder} is missing: the run did not finish expert {k} (rerun to resume).")
-            experts[k] = functools.partial(load_expert, folder, device, dtype)
         modules = modules if modules is not None else backbone.load(device=device, dtype=dtype)
+        experts: dict[int, ExpertSource] = {
+            k: functools.partial(load_expert, folder, device, dtype, dense=modules.denoiser, materialise=not shared)
+            for k, folder in enumerate(folders)}
         return cls(backbone, modules, bundle.encoder, bundle.router, experts, max_batch_size=max_batch_size,
                    resident=resident, kept_ratios=bundle.kept_ratios())
 
@@ -116,7 +121,10 @@ class RoutedPipeline:
     @torch.no_grad()
     def route(self, prompts: Sequence[str]) -> torch.Tensor:
         """Expert id of each prompt, (B,) long (inference routing: argmax, no balancing)."""
-        z = self.encoder.encode(check_prompts(prompts))  # (B, D)
+        prompts = check_prompts(prompts)
+        if self.router.num_experts == 1:  # one expert (dense, static): nothing to encode
+            return torch.zeros(len(prompts), dtype=torch.long)
+        z = self.encoder.encode(prompts)  # (B, D)
         self.router.eval()
         return self.router.route(z).expert_ids
 
@@ -136,11 +144,12 @@ class RoutedPipeline:
             idx = (expert_ids == k).nonzero().flatten()  # prompts of expert k, input order
             denoiser = self.expert(k)
             for chunk in idx.split(self.max_batch_size):
-                out = self.backbone.generate(
-                    self.modules, [prompts[i] for i in chunk.tolist()], denoiser=denoiser,
-                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                    generator=generator, latents=latents[chunk],
-                ).cpu()  # (b, 3, H, W)
+                with gathered(denoiser):  # a shared expert gathers its weights once for all the steps
+                    out = self.backbone.generate(
+                        self.modules, [prompts[i] for i in chunk.tolist()], denoiser=denoiser,
+                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                        generator=generator, latents=latents[chunk],
+                    ).cpu()  # (b, 3, H, W)
                 if images is None:
                     images = torch.empty(len(prompts), *out.shape[1:])
                 images[chunk] = out

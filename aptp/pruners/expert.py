@@ -27,15 +27,17 @@ A tensor of expert k is ``W_k = dense[source][idx_0, idx_1, ...] + delta``. ``lo
 materialises it (a plain diffusers model, as above) or, with ``materialise=False``, returns a
 :class:`SharedExpert` that keeps only the deltas and gathers its weights from ONE resident dense
 model at call time (so K experts cost about the dense weights plus K deltas; the gathered weights
-of one expert live only during its call). Exact diffs are lossless up to one float rounding
+of one expert live only during its call, or during a ``with expert.gathered():`` block that
+spans the denoising steps of one batch). Exact diffs are lossless up to one float rounding
 (``a + (b - a)`` is ``b`` to within one ulp; exact when ``b`` is within a factor 2 of ``a``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -431,20 +433,33 @@ class SharedExpert(nn.Module):
     def __init__(self, skeleton: nn.Module, dense: nn.Module, entries: Mapping[str, _Entry]) -> None:
         super().__init__()
         self.dense = dense
-        self.slices = {n: e.slice for n, e in entries.items()}
         self.scales = {n: e.lowrank.scale for n, e in entries.items() if e.lowrank is not None}
-        self.own = nn.Module()  # the expert's own tensors, buffers under escaped names
+        self.own = nn.Module()  # the expert's own tensors (index sets too), buffers under escaped names
+        # index tensors live in self.own (they follow .to(device)); a slice names them by buffer key
+        self.slices: dict[str, tuple[str, tuple[Any, ...]] | None] = {}
+        for n, e in entries.items():
+            if e.slice is None:
+                self.slices[n] = None
+                continue
+            index = []
+            for d, ix in enumerate(e.slice.index):
+                if isinstance(ix, torch.Tensor):
+                    self.own.register_buffer(_key(f"index{d}", n), ix.to(torch.int32))  # half of int64
+                    ix = _key(f"index{d}", n)
+                index.append(ix)
+            self.slices[n] = (e.slice.source, tuple(index))
         for n, e in entries.items():
             for kind, t in (("own", e.own), ("delta", e.delta),
                             ("A", e.lowrank.A if e.lowrank else None), ("B", e.lowrank.B if e.lowrank else None)):
                 if t is not None:
                     self.own.register_buffer(_key(kind, n), t)
         object.__setattr__(self, "skeleton", skeleton)  # not a submodule: its tensors are on meta
+        self._held: dict[str, torch.Tensor] | None = None
 
     def cast_deltas(self, dtype: torch.dtype) -> SharedExpert:
         """Cast the expert's own floating tensors to ``dtype`` (the dense model is left as it is)."""
         for k, t in list(self.own._buffers.items()):
-            if t is not None and t.is_floating_point():
+            if t is not None and t.is_floating_point():  # (index sets are integers)
                 self.own._buffers[k] = t.to(dtype)
         return self
 
@@ -455,11 +470,13 @@ class SharedExpert(nn.Module):
         """Every tensor of the expert by state-dict key: ``dense[source][idx] (+ delta)``."""
         base = dense_state(self.dense)
         out: dict[str, torch.Tensor] = {}
-        for name, sl in self.slices.items():
-            if sl is None:
+        own = self.own._buffers
+        for name, spec in self.slices.items():
+            if spec is None:
                 out[name] = self._own("own", name)  # type: ignore[assignment]
                 continue
-            w = sl.take(base[sl.source])
+            source, index = spec
+            w = Slice(source, tuple(own[ix] if isinstance(ix, str) else ix for ix in index)).take(base[source])
             d = self._own("delta", name)
             if d is not None:
                 w = w + d
@@ -468,8 +485,22 @@ class SharedExpert(nn.Module):
             out[name] = w
         return out
 
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[SharedExpert]:
+        """Gather the weights once for every call inside the block (e.g. the denoising steps of one
+        batch) instead of at each call; they are dropped at its end. Nested blocks reuse the outer's."""
+        if self._held is not None:
+            yield self
+            return
+        self._held = self.weights()
+        try:
+            yield self
+        finally:
+            self._held = None
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(self.skeleton, self.weights(), args, kwargs, strict=True)
+        weights = self._held if self._held is not None else self.weights()
+        return torch.func.functional_call(self.skeleton, weights, args, kwargs, strict=True)
 
     def train(self, mode: bool = True) -> SharedExpert:
         super().train(mode)
@@ -477,7 +508,7 @@ class SharedExpert(nn.Module):
         return self
 
     def own_bytes(self) -> int:
-        """Bytes of the expert's own tensors (its deltas; not the shared dense weights)."""
+        """Bytes of the expert's own tensors (diffs, factors, index sets; not the shared dense weights)."""
         return sum(t.numel() * t.element_size() for t in self.own.buffers())
 
     def __getattr__(self, name: str) -> Any:
@@ -488,6 +519,12 @@ class SharedExpert(nn.Module):
             if skeleton is None or name.startswith("__"):
                 raise
             return getattr(skeleton, name)
+
+
+def gathered(denoiser: nn.Module) -> contextlib.AbstractContextManager:
+    """``denoiser.gathered()`` for a :class:`SharedExpert` (also under ``torch.compile``), else a no-op."""
+    hold = getattr(denoiser, "gathered", None)
+    return hold() if callable(hold) else contextlib.nullcontext()
 
 
 def resident_bytes(*modules: nn.Module) -> int:

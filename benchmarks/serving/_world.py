@@ -40,13 +40,16 @@ def granularities() -> list:
 
 
 def architectures(dense: torch.nn.Module, cond, k: int = K, seed: int = 0):
-    """(unit space, (K, U) architectures keeping scattered units, mean kept MACs about BUDGET, and the
-    static architecture at BUDGET). Each expert keeps a random subset of every width group (not the
-    first units: its indices are scattered, as a learned expert's are) at ratios spread around BUDGET."""
+    """(unit space, granularities, (K, U) architectures keeping scattered units, the static architecture
+    at BUDGET). Each expert keeps a random subset of every width group (not the first units: its
+    indices are scattered, as a learned expert's are); their kept-MACs ratios are spread evenly around
+    the static model's, so their plain mean equals it."""
     grans = granularities()
     space = build_unit_space(dense, grans, cond)
+    static = uniform_architecture(space, BUDGET)
+    centre = float(space.macs_ratio(static))
     g = torch.Generator().manual_seed(seed)
-    targets = torch.linspace(BUDGET - 0.2, BUDGET + 0.2, k)
+    targets = torch.linspace(centre - 0.2, centre + 0.2, k)
     archs = []
     for r in targets.tolist():
         lo, hi = 0.0, 1.0
@@ -65,4 +68,4 @@ def architectures(dense: torch.nn.Module, cond, k: int = K, seed: int = 0):
             else:
                 hi = p
         archs.append(a)
-    return space, grans, torch.stack(archs), uniform_architecture(space, BUDGET)
+    return space, grans, torch.stack(archs), static

@@ -142,3 +142,16 @@ def test_a_shared_expert_works_under_torch_compile(shared_folder, tiny_inputs):
     compiled = torch.compile(shared, backend="eager")  # dynamo capture of the gathers and the UNet
     x, t, text = (a[:1] for a in tiny_inputs)
     assert torch.allclose(_run(compiled, x, t, text), _run(expert, x, t, text), atol=1e-5)
+
+
+def test_gathered_weights_are_held_for_a_block_of_calls_and_then_dropped(shared_folder, tiny_inputs):
+    folder, expert = shared_folder
+    shared = load_expert(folder, materialise=False)
+    ref = _run(expert, *tiny_inputs)
+    with shared.gathered():
+        held = shared._held
+        assert held is not None
+        assert torch.allclose(_run(shared, *tiny_inputs), ref, atol=1e-5)
+        with shared.gathered():  # nested: the outer block's weights
+            assert shared._held is held
+    assert shared._held is None
