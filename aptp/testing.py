@@ -154,7 +154,7 @@ def check_backbone(backbone: Any, batch: int = 2) -> dict[str, Any]:
     """
     from aptp.core.interfaces import Conditioning
     from aptp.core.resources import count_params
-    from aptp.pruners.granularities._common import trace
+    from aptp.pruners.granularities.toolkit import trace
 
     cond = backbone.conditioning()
     assert isinstance(cond, Conditioning), f"conditioning() must return a Conditioning, got {type(cond).__name__}"

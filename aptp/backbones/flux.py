@@ -41,7 +41,7 @@ from torch import nn
 from aptp.backbones import flow
 from aptp.core.errors import ConfigError
 from aptp.core.interfaces import BackboneModules, Conditioning
-from aptp.pruners.granularities._common import register_denoiser_call
+from aptp.pruners.granularities.toolkit import register_denoiser_call
 
 TEXT_ENCODERS = ("auto", "pretrained", "random", "none")
 

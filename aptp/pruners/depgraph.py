@@ -35,7 +35,7 @@ from aptp.core.errors import ConfigError, IncompatibleError, ShapeError
 from aptp.core.interfaces import Granularity
 from aptp.core.resources import count_params
 from aptp.core.units import UnitGroup, UnitSpace
-from aptp.pruners.granularities._common import channel_index
+from aptp.pruners.granularities.toolkit import channel_index
 
 ForwardFn = Callable[[nn.Module, Any], torch.Tensor]
 

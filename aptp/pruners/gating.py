@@ -28,7 +28,7 @@ from aptp.core.errors import ConfigError, ShapeError
 from aptp.core.interfaces import Conditioning, Granularity
 from aptp.core.resources import count_params
 from aptp.core.units import UnitGroup, UnitSpace
-from aptp.pruners.granularities._common import trace
+from aptp.pruners.granularities.toolkit import trace
 
 #: canonical order of the built-in kinds in a unit space (others follow in the order given)
 KIND_ORDER = ("resnet_channels", "attention_heads", "ffn", "depth")

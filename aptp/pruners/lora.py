@@ -77,7 +77,7 @@ def attach_lora(model: nn.Module, rank: int, alpha: float | None = None) -> Lora
 def detach_lora(model: nn.Module, adapters: LoraAdapters, adapter_name: str = "default") -> dict[str, LowRank]:
     """Remove the LoRA layers from ``model`` (their base modules back in place) and return each
     adapted weight's diff as low-rank factors, keyed by the weight's state-dict name."""
-    from aptp.pruners.granularities._common import get_module, set_module
+    from aptp.pruners.granularities.toolkit import get_module, set_module
 
     out: dict[str, LowRank] = {}
     for path in adapters.paths:

@@ -10,7 +10,7 @@ import torch
 from aptp.core.resources import flop_counter_macs
 from aptp.latency.profiled import ProfiledLatency, ProfiledLatencyConfig, bucket_points
 from aptp.pruners.gating import cut_model
-from aptp.pruners.granularities._common import dummy_inputs
+from aptp.pruners.granularities.toolkit import dummy_inputs
 from aptp.testing import random_architectures
 
 from fake_timers import dispatch_timer

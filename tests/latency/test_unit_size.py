@@ -9,7 +9,7 @@ import torch
 from aptp.core.resources import flop_counter_macs
 from aptp.pruners.gating import build_unit_space, cut_model
 from aptp.pruners.granularities import AttentionHeads, Depth, FFN, ResnetChannels, ResnetChannelsConfig
-from aptp.pruners.granularities._common import dummy_inputs
+from aptp.pruners.granularities.toolkit import dummy_inputs
 from aptp.pruners.granularities.resnet_channels import unit_width
 from aptp.testing import check_granularity_exactness, random_architectures
 

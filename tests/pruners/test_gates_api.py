@@ -104,7 +104,7 @@ def test_unit_magnitude_and_params_per_unit(tiny_unet, tiny_spaces):
     """Magnitude of unit 0 = norm of its weight slices; cutting one unit removes params_per_unit."""
     import copy
 
-    from aptp.pruners.granularities._common import get_module
+    from aptp.pruners.granularities.toolkit import get_module
 
     def norm(*ts):
         return float(sum(t.detach().pow(2).sum() for t in ts).sqrt())

@@ -9,7 +9,7 @@ from granularity_helpers import GRANULARITY_SETS, make_granularities, random_arc
 from aptp.backbones.unet import UNetBackbone, UNetBackboneConfig
 from aptp.core.resources import count_params, flop_counter_macs
 from aptp.pruners.gating import build_unit_space, cut_model, uniform_architecture
-from aptp.pruners.granularities._common import dummy_inputs
+from aptp.pruners.granularities.toolkit import dummy_inputs
 
 MACS_TOL = 0.005  # 0.5 %
 

@@ -62,7 +62,7 @@ from torch import nn
 
 from aptp.core.interfaces import Conditioning, GateGetter, Granularity
 from aptp.core.units import UnitGroup
-from aptp.pruners.granularities._common import HookHandles, expand_gates, get_module, set_module, trace
+from aptp.pruners.granularities.toolkit import HookHandles, expand_gates, get_module, set_module, trace
 from aptp.pruners.granularities._modules import ResidualBypass, SkipJointBlock, SkipTransformer, SkipTransformerBlock
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from aptp.core.interfaces import Conditioning, GateGetter, Granularity, UnitChannels
 from aptp.core.units import UnitGroup
-from aptp.pruners.granularities._common import (
+from aptp.pruners.granularities.toolkit import (
     HookHandles,
     channel_index,
     expand_gates,

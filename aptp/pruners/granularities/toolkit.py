@@ -1,4 +1,14 @@
-"""Helpers shared by the granularities: module lookup, gate expansion, tensor slicing, tracing.
+"""The unit-space toolkit: what a granularity needs to gate and cut its units, for aptp's built-in
+granularities and for plugins alike (this module is public; its ``__all__`` is the API).
+
+* hooks -- :class:`HookHandles` (what ``Granularity.attach`` returns), :func:`expand_gates` and
+  :func:`units_to_channels` (unit gates -> per-sample channel gates);
+* cuts -- :func:`get_module` / :func:`set_module` (replace a submodule, also inside a
+  ``nn.ModuleList``), :func:`channel_index` (kept units -> kept channels), :func:`slice_linear`,
+  :func:`slice_conv` (dense weights copied, then sliced; nothing is re-initialised);
+* MACs -- :func:`trace` (per-sample shapes and analytic MACs of every module, one forward on the
+  ``meta`` device), :func:`dummy_inputs`, and :func:`register_denoiser_call` /
+  :func:`default_call` (how a denoiser is called to trace it).
 
 Conventions:
 
@@ -6,7 +16,9 @@ Conventions:
   ungated (dense) forward;
 * activations have the batch first, ``(B, ...)``; gates broadcast when ``B % B_g == 0`` by tiling
   (``g.repeat(B // B_g, 1)``: under classifier-free guidance diffusers calls the denoiser on
-  ``cat([uncond, cond])``, so sample ``i`` of every chunk takes gate row ``i``).
+  ``cat([uncond, cond])``, so sample ``i`` of every chunk takes gate row ``i``);
+* a unit of a width is a contiguous run of ``group_size`` channels (unit ``j``: channels
+  ``[j s, (j+1) s)``).
 """
 
 from __future__ import annotations
@@ -20,6 +32,21 @@ from torch import nn
 from aptp.core.errors import ShapeError
 from aptp.core.interfaces import Conditioning
 from aptp.core.resources import Trace, on_meta, trace_modules
+
+__all__ = [
+    "HookHandles",
+    "channel_index",
+    "default_call",
+    "dummy_inputs",
+    "expand_gates",
+    "get_module",
+    "register_denoiser_call",
+    "set_module",
+    "slice_conv",
+    "slice_linear",
+    "trace",
+    "units_to_channels",
+]
 
 
 class HookHandles:
@@ -35,6 +62,7 @@ class HookHandles:
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path`` (``""`` = ``root`` itself)."""
     return root.get_submodule(path) if path else root
 
 

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# The torchvision wheel that pip pairs with a CPU torch is a CUDA build; make it importable
-# before anything imports timm (which imports torchvision). See aptp/_compat.py.
-from aptp._compat import ensure_torchvision_importable
-
-ensure_torchvision_importable()
+# Importing aptp first makes torchvision importable (the CPU-torch / CUDA-torchvision wheel guard
+# that ``import aptp`` runs) before any module of this package imports timm, which imports it.
+import aptp  # noqa: F401
 
 __version__ = "0.1.0"
 

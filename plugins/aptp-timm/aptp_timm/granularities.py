@@ -17,8 +17,10 @@ registered name  unit                           gate                            
                  (pre-norm residual)            ``y <- x + g (y - x)``
 ===============  =============================  ==============================  ===========================
 
-MACs per unit come from aptp's analytic tracer (:func:`aptp.core.resources.trace_modules`, one
-forward on the ``meta`` device), which counts ``nn.Linear`` / ``nn.Conv2d`` matmuls and, through the
+Hooks, cuts and tracing use aptp's public unit-space toolkit
+(:mod:`aptp.pruners.granularities.toolkit`), as aptp's built-in granularities do. MACs per unit come
+from its analytic tracer (:func:`~aptp.pruners.granularities.toolkit.trace`, one forward on the
+``meta`` device), which counts ``nn.Linear`` / ``nn.Conv2d`` matmuls and, through the
 formula :mod:`aptp_timm.macs` registers, the two attention matmuls of timm's ``Attention``
 (``Q K^T``, ``P V``: ``2 N^2 d`` per head). Each head's unit carries its share of them, as aptp's
 built-in ``attention_heads`` does for diffusers' ``Attention``, so the analytic MACs agree with
@@ -32,76 +34,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.layers import Attention, Mlp
+from timm.models.vision_transformer import Block
 from torch import nn
 
-from aptp.core.errors import ShapeError
 from aptp.core.interfaces import Conditioning, GateGetter, Granularity
-from aptp.core.resources import Trace, on_meta, trace_modules
 from aptp.core.units import UnitGroup
-from aptp_timm import ensure_torchvision_importable
+from aptp.pruners.granularities.toolkit import (
+    HookHandles,
+    channel_index,
+    expand_gates,
+    get_module,
+    set_module,
+    slice_linear,
+    trace,
+    units_to_channels,
+)
 from aptp_timm.macs import attention_macs  # noqa: F401  (registers timm Attention's MACs formula)
-
-ensure_torchvision_importable()
-from timm.layers import Attention, Mlp  # noqa: E402  (after the torchvision guard)
-from timm.models.vision_transformer import Block  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- helpers
-class Handles:
-    """Hook handles that remove together (what ``Granularity.attach`` returns)."""
-
-    def __init__(self, handles: list[Any]) -> None:
-        self.handles = handles
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-def trace_denoiser(denoiser: nn.Module, conditioning: Conditioning) -> Trace:
-    """Per-sample shapes and MACs of every module: one batch-1 forward on the ``meta`` device, called
-    the way aptp calls denoisers (``model(sample, t, encoder_hidden_states=text, return_dict=False)``)."""
-    c, h, w = conditioning.sample_shape
-    dtype = next(denoiser.parameters()).dtype
-    sample = torch.zeros(1, c, h, w, device="meta", dtype=dtype)
-    t = torch.full((1,), 10, device="meta", dtype=torch.long)
-    text = torch.zeros(1, conditioning.text_len, conditioning.text_dim, device="meta", dtype=dtype)
-    with on_meta(denoiser) as model:
-        return trace_modules(model, sample, t, encoder_hidden_states=text, return_dict=False)
-
-
-def expand_gates(g: torch.Tensor, batch: int, where: str) -> torch.Tensor:
-    """Gates (B_g, n) or (n,) -> (batch, n); rows tile when ``batch`` is a multiple of B_g (CFG)."""
-    g = g.unsqueeze(0) if g.dim() == 1 else g
-    if g.shape[0] == batch:
-        return g
-    if batch % g.shape[0] == 0:
-        return g.repeat(batch // g.shape[0], 1)
-    raise ShapeError(f"gates for {where} have batch {g.shape[0]} but the activations have batch {batch}; "
-                     f"pass one gate row per sample or a number of rows dividing {batch}.")
-
-
-def channel_index(keep: torch.Tensor, width: int) -> torch.Tensor:
-    """Channels of the kept units, each unit a contiguous run of ``width``: (n,) bool -> (k * width,) long."""
-    units = torch.nonzero(keep.to(torch.bool).cpu()).flatten()  # (k,)
-    return (units[:, None] * width + torch.arange(width)[None]).flatten()
-
-
-def slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
-    """Keep output ``rows`` / input ``cols`` of ``lin`` in place: the dense weights, sliced."""
-    w = lin.weight.detach()
-    if rows is not None:
-        w = w[rows.to(w.device)]
-        if lin.bias is not None:
-            lin.bias = nn.Parameter(lin.bias.detach()[rows.to(w.device)].clone(), lin.bias.requires_grad)
-        lin.out_features = int(rows.numel())
-    if cols is not None:
-        w = w[:, cols.to(w.device)]
-        lin.in_features = int(cols.numel())
-    lin.weight = nn.Parameter(w.clone(), lin.weight.requires_grad)
-
-
 def _linear_params(lin: nn.Linear, rows: int = 0, cols: int = 0) -> int:
     """Parameters of ``rows`` output rows (weights + bias) plus ``cols`` input columns of ``lin``."""
     return rows * (lin.in_features + (1 if lin.bias is not None else 0)) + cols * lin.out_features
@@ -119,7 +71,7 @@ def _gate_input(width: int, gates: GateGetter, where: str) -> Callable[[nn.Modul
         if g is None:
             return None
         x = args[0]  # (B, N, n * width)
-        cg = expand_gates(g, x.shape[0], where).repeat_interleave(width, dim=-1)  # (B, n * width)
+        cg = units_to_channels(expand_gates(g, x.shape[0], where), width)  # (B, n * width)
         return (x * cg.to(x.dtype).unsqueeze(1), *args[1:])
 
     return pre_hook
@@ -144,7 +96,7 @@ class TimmHeads(Granularity):
                              "before proj) mixes heads, so a per-head gate is not exact; drop 'timm_heads' here.")
 
     def unit_groups(self, denoiser: nn.Module, conditioning: Conditioning) -> list[UnitGroup]:
-        tr = trace_denoiser(denoiser, conditioning)
+        tr = trace(denoiser, conditioning)
         groups = []
         for path, a in _modules(denoiser, Attention):
             self._check(path, a)
@@ -160,19 +112,19 @@ class TimmHeads(Granularity):
 
     def unit_magnitude(self, denoiser: nn.Module, group: UnitGroup) -> torch.Tensor:
         """(h,) L2 norm of each head's q, k, v (and gate) rows and proj columns."""
-        a = denoiser.get_submodule(group.path)
+        a = get_module(denoiser, group.path)
         sq = a.qkv.weight.detach().float().pow(2).sum(1).view(3, -1).sum(0)  # (h d,)
         if a.gate is not None:
             sq = sq + a.gate.weight.detach().float().pow(2).sum(1)
         sq = sq + a.proj.weight.detach().float().pow(2).sum(0)
         return sq.view(group.num_units, -1).sum(1).sqrt().cpu()
 
-    def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> Handles:
-        a = denoiser.get_submodule(group.path)
-        return Handles([a.proj.register_forward_pre_hook(_gate_input(a.head_dim, gates, group.path))])
+    def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> HookHandles:
+        a = get_module(denoiser, group.path)
+        return HookHandles([a.proj.register_forward_pre_hook(_gate_input(a.head_dim, gates, group.path))])
 
     def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
-        a = denoiser.get_submodule(group.path)
+        a = get_module(denoiser, group.path)
         idx = channel_index(keep, a.head_dim)  # (k d,) within one of q, k, v
         width = a.attn_dim  # h d: qkv rows are [q | k | v], each (heads, head_dim) row-major
         slice_linear(a.qkv, rows=torch.cat([idx + part * width for part in range(3)]))
@@ -216,7 +168,7 @@ class TimmMlp(Granularity):
         return n, f // n
 
     def unit_groups(self, denoiser: nn.Module, conditioning: Conditioning) -> list[UnitGroup]:
-        tr = trace_denoiser(denoiser, conditioning)
+        tr = trace(denoiser, conditioning)
         groups = []
         for path, m in _modules(denoiser, Mlp):
             n, s = self._layout(path, m)
@@ -227,17 +179,17 @@ class TimmMlp(Granularity):
 
     def unit_magnitude(self, denoiser: nn.Module, group: UnitGroup) -> torch.Tensor:
         """(n,) L2 norm of each group's fc1 rows and fc2 columns."""
-        m = denoiser.get_submodule(group.path)
+        m = get_module(denoiser, group.path)
         sq = m.fc1.weight.detach().float().pow(2).sum(1) + m.fc2.weight.detach().float().pow(2).sum(0)  # (H,)
         return sq.view(group.num_units, -1).sum(1).sqrt().cpu()
 
-    def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> Handles:
-        m = denoiser.get_submodule(group.path)
+    def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> HookHandles:
+        m = get_module(denoiser, group.path)
         s = m.fc2.in_features // group.num_units
-        return Handles([m.fc2.register_forward_pre_hook(_gate_input(s, gates, group.path))])
+        return HookHandles([m.fc2.register_forward_pre_hook(_gate_input(s, gates, group.path))])
 
     def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
-        m = denoiser.get_submodule(group.path)
+        m = get_module(denoiser, group.path)
         idx = channel_index(keep, m.fc2.in_features // group.num_units)  # (kept hidden channels,)
         slice_linear(m.fc1, rows=idx)
         slice_linear(m.fc2, cols=idx)
@@ -286,15 +238,15 @@ class TimmBlocks(Granularity):
         return out
 
     def unit_groups(self, denoiser: nn.Module, conditioning: Conditioning) -> list[UnitGroup]:
-        tr = trace_denoiser(denoiser, conditioning)
+        tr = trace(denoiser, conditioning)
         paths = self.block_paths(denoiser)
         macs = [tr.macs_under(p) for p in paths]
-        params = [sum(t.numel() for t in denoiser.get_submodule(p).parameters()) for p in paths]
+        params = [sum(t.numel() for t in get_module(denoiser, p).parameters()) for p in paths]
         return [UnitGroup(self.kind, self.group_path, len(paths), sum(macs) / len(paths), sum(params) // len(paths),
                           unit_paths=tuple(paths), unit_macs=tuple(macs), unit_params=tuple(params),
                           meta={"order": "drop priority: unit 0 drops first"})]
 
-    def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> Handles:
+    def attach(self, denoiser: nn.Module, group: UnitGroup, gates: GateGetter) -> HookHandles:
         handles = []
         for j, p in enumerate(group.unit_paths):
 
@@ -307,15 +259,10 @@ class TimmBlocks(Granularity):
                 gj = gj.view(-1, *[1] * (y.dim() - 1))  # (B, 1, 1): the output's rank
                 return x + gj * (y - x)
 
-            handles.append(denoiser.get_submodule(p).register_forward_hook(hook, with_kwargs=True))
-        return Handles(handles)
+            handles.append(get_module(denoiser, p).register_forward_hook(hook, with_kwargs=True))
+        return HookHandles(handles)
 
     def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
         for j, p in enumerate(group.unit_paths):
             if not bool(keep[j]):
-                parent, _, name = p.rpartition(".")
-                holder = denoiser.get_submodule(parent)
-                if isinstance(holder, (nn.ModuleList, nn.Sequential)):
-                    holder[int(name)] = nn.Identity()
-                else:
-                    setattr(holder, name, nn.Identity())
+                set_module(denoiser, p, nn.Identity())

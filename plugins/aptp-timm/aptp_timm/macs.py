@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from timm.layers import Attention
 from torch import nn
 
 from aptp.core.resources import register_macs_formula
-from aptp_timm import ensure_torchvision_importable
-
-ensure_torchvision_importable()
-from timm.layers import Attention  # noqa: E402  (after the torchvision guard)
 
 
 def attention_macs(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> float:

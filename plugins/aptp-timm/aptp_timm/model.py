@@ -21,14 +21,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+from timm.models.vision_transformer import Block
 from torch import nn
 
-from aptp_timm import ensure_torchvision_importable
-
-ensure_torchvision_importable()
-from timm.models.vision_transformer import Block  # noqa: E402  (after the torchvision guard)
-
-from aptp_timm.macs import attention_macs  # noqa: E402, F401  (registers timm Attention's MACs formula)
+from aptp_timm.macs import attention_macs  # noqa: F401  (registers timm Attention's MACs formula)
 
 
 @dataclass
