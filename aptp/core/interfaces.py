@@ -261,8 +261,16 @@ class Granularity(Component, abc.ABC):
     """A kind of prunable unit: finds the unit groups in a denoiser, gates them, cuts them.
 
     A gate multiplies activations exactly where the physical cut removes them, so that a model
-    with hard gates and the cut model compute the same function.
+    with hard gates and the cut model compute the same function. ``kind`` is its registered name
+    (the ``kind`` of its unit groups); a depth granularity gives its groups ``unit_paths``
+    (:attr:`~aptp.core.units.UnitGroup.is_depth`).
     """
+
+    kind: ClassVar[str]
+    #: Where this kind's groups go in a unit space: lower first, ties in the order the
+    #: granularities are given. The layout (and so the fingerprint of saved runs) depends on it:
+    #: the built-ins are resnet_channels 0, attention_heads 1, ffn 2, depth 3; others follow.
+    order: ClassVar[int] = 100
 
     @abc.abstractmethod
     def unit_groups(self, denoiser: nn.Module, conditioning: Conditioning) -> list[UnitGroup]:
@@ -353,6 +361,56 @@ class Router(Component, nn.Module, abc.ABC):
         s = self.scores(z)  # (B, K)
         ids = balancer.assign(s) if balancer is not None else s.argmax(dim=-1)
         return RoutingResult(ids, s, self.num_experts)
+
+
+class LearnedRouter(Router):
+    """A router that learns the experts' architectures (APTP's ``ot``): an architecture predictor
+    (prompt z (B, D) -> gates over the U units) and K architecture codes (expert -> gates).
+
+    APTP's phase 1 trains both (the contrastive loss compares :meth:`normalised_gates`; the resource
+    and denoising losses gate the model with :meth:`predicted_gates` / :meth:`code_gates`); the codes'
+    hard gates are the experts' architectures (:meth:`architectures`) that phase 2 cuts. A router
+    that only assigns prompts (``kmeans``, ``nearest``, ``single``) is a plain :class:`Router`; APTP
+    then trains codes of its own. A fresh learned router is unbound: :meth:`bind` gives it its unit
+    space (and :meth:`load_state_tensors` of saved tensors binds it too).
+    """
+
+    #: The unit space it is bound to (None until :meth:`bind`).
+    unit_space: UnitSpace | None
+
+    @property
+    @abc.abstractmethod
+    def bound(self) -> bool:
+        """Whether :meth:`bind` (or loading saved tensors) gave it a unit space."""
+
+    @abc.abstractmethod
+    def bind(self, unit_space: UnitSpace, embed_dim: int) -> LearnedRouter:
+        """Create the predictor (D -> U units) and the K codes for ``unit_space``; returns self."""
+
+    @abc.abstractmethod
+    def predicted_gates(self, z: torch.Tensor, noise: bool = False, hard: bool = True) -> torch.Tensor:
+        """Gates (B, U) of the architectures predicted for prompts z (B, D) (straight-through when hard)."""
+
+    @abc.abstractmethod
+    def code_gates(self, noise: bool = False, hard: bool = True) -> torch.Tensor:
+        """Gates (K, U) of the K codes (straight-through when hard)."""
+
+    @abc.abstractmethod
+    def normalised_gates(self, z: torch.Tensor, noise: bool = False) -> torch.Tensor:
+        """Predicted architectures as routing compares them, (B, U): the vector of APTP's contrastive loss."""
+
+    @abc.abstractmethod
+    def architectures(self) -> torch.Tensor:
+        """The experts' architectures: the codes' deterministic hard gates, (K, U) in {0, 1}."""
+
+    @abc.abstractmethod
+    def init_codes_from_predictions(self, z: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Set the K codes to the k-means centres of the predictions for prompts z (N, D); returns
+        each prompt's cluster, (N,)."""
+
+    @abc.abstractmethod
+    def init_codes_from_groups(self, z: torch.Tensor, labels: torch.Tensor) -> None:
+        """Set code k to the mean prediction of the prompts z (N, D) with ``labels`` (N,) == k."""
 
 
 # ---------------------------------------------------------------------------- assignment / prune

@@ -29,10 +29,18 @@ class UnitGroup:
     macs_per_unit: float  # per-sample MACs one unit costs, at the unit space's conditioning
     params_per_unit: int
     parent: str | None = None  # unit path of the depth unit whose removal removes this group
-    unit_paths: tuple[str, ...] = ()  # optional: module of each unit (depth units: the block)
+    unit_paths: tuple[str, ...] = ()  # depth groups only: the block of each unit (see is_depth)
     unit_macs: tuple[float, ...] = ()  # optional: per-unit MACs where units differ (overrides)
     unit_params: tuple[int, ...] = ()  # optional: per-unit parameters where units differ
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_depth(self) -> bool:
+        """Whether this is a depth group: its units are whole blocks, named in ``unit_paths`` and
+        listed in drop priority (unit 0 drops first). A granularity declares a depth group by giving
+        ``unit_paths``; the unit space (nesting, budgets, latency) and the router's monotone depth
+        gates (:class:`aptp.routers.predictor.RawLayout`) read it here, whatever the kind's name."""
+        return bool(self.unit_paths)
 
     def macs_of_units(self) -> list[float]:
         return list(self.unit_macs) if self.unit_macs else [float(self.macs_per_unit)] * self.num_units

@@ -81,7 +81,7 @@ class LatencyModel(Component, abc.ABC):
         rows, what = [dense], []
         for i, g in enumerate(space.groups):
             sl = space.group_slice(i)
-            if g.unit_paths:  # depth: drop one unit at a time
+            if g.is_depth:  # depth: drop one unit at a time
                 for j in range(g.num_units):
                     a = dense.clone()
                     a[sl.start + j] = 0.0
@@ -105,7 +105,7 @@ class LatencyModel(Component, abc.ABC):
                 nested[g.parent] = nested.get(g.parent, 0.0) + width_ms[i]
         groups: list[UnitGroup] = []
         for i, g in enumerate(space.groups):
-            if g.unit_paths:
+            if g.is_depth:
                 saved = [full - t for (k, _), t in zip(what, lat[1:].tolist()) if k == i]
                 per = tuple(max(s - nested.get(p, 0.0), 0.0) * NS for p, s in zip(g.unit_paths, saved))
                 groups.append(dataclasses.replace(g, unit_macs=per, macs_per_unit=sum(per) / len(per)))

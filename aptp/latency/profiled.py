@@ -170,7 +170,7 @@ def cut_copy(module: nn.Module, granularity: Granularity, group: UnitGroup, keep
     """A copy of ``module`` (the module of ``group``, or the block of a one-unit depth group) cut
     by ``granularity`` to ``keep`` (n,) bool."""
     root = _Root(copy.deepcopy(module))
-    if group.unit_paths:
+    if group.is_depth:
         local = dataclasses.replace(group, num_units=1, unit_paths=("m",), unit_macs=(), unit_params=(), parent=None)
     else:
         local = dataclasses.replace(group, path="m", parent=None)
@@ -311,7 +311,7 @@ class ProfiledLatency(LatencyModel):
         def dense_call() -> Any:
             return context.call(model, x, t, text)
 
-        paths = {grp.path for grp in space.groups if not grp.unit_paths}
+        paths = {grp.path for grp in space.groups if not grp.is_depth}
         paths |= {p for grp in space.groups for p in grp.unit_paths}
         inputs = capture_inputs(model, paths, dense_call)
         smallest = cut_model(model, space, context.granularities, torch.zeros(space.size))
@@ -323,7 +323,7 @@ class ProfiledLatency(LatencyModel):
         raw: list[list[float]] = []
         mono: list[list[float]] = []
         for grp in space.groups:
-            if grp.unit_paths:
+            if grp.is_depth:
                 knots.append([])
                 raw.append([])
                 mono.append([])
@@ -411,7 +411,7 @@ class ProfiledLatency(LatencyModel):
         total = torch.full(a.shape[:-1], table.rest_ms, dtype=torch.float64, device=a.device)
         in_block: dict[str, torch.Tensor] = {}
         for i, grp in enumerate(space.groups):
-            if grp.unit_paths:
+            if grp.is_depth:
                 continue
             f = self.group_latency(i, a[..., space.group_slice(i)].sum(-1))  # (...)
             if grp.parent is None:

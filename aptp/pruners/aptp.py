@@ -44,7 +44,7 @@ from aptp.core import values
 from aptp.core.errors import reading
 from aptp.core.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aptp.core.rundir import open_run
-from aptp.core.interfaces import Pruner
+from aptp.core.interfaces import LearnedRouter, Pruner
 from aptp.latency.resource import check_resource, resource_ratio
 from aptp.pruners import objectives as O
 from aptp.pruners.training import (
@@ -152,13 +152,14 @@ class AptpPruner(Pruner):
     config_class = AptpPrunerConfig
 
     def run(self, composition, output_dir: Path) -> dict[str, Any]:
-        """Phase 1 and phase 2, then the router bundle. With a router that learns no codes
-        (``kmeans``, ``nearest``, ``single``), that router is fitted to the training prompts and
-        assigns them to experts, and phase 1 trains codes of its own (the ablation "routing without
-        learned codes": APTP's objective, no balancing); the bundle routes with that router."""
+        """Phase 1 and phase 2, then the router bundle. With a router that learns no codes (not a
+        :class:`~aptp.core.interfaces.LearnedRouter`: ``kmeans``, ``nearest``, ``single``), that
+        router is fitted to the training prompts and assigns them to experts, and phase 1 trains
+        codes of its own (the ablation "routing without learned codes": APTP's objective, no
+        balancing); the bundle routes with that router."""
         output_dir = Path(output_dir)
         router = composition.require("router")  # fail before loading any model
-        fixed = not learns_codes(router)
+        fixed = not isinstance(router, LearnedRouter)
         if not fixed:
             composition.require("balancer")
         with open_run(output_dir, composition.config, composition.registry):  # lock; refuse another config's folder
@@ -181,7 +182,7 @@ class AptpPruner(Pruner):
         return {**phase1, **phase2, "output_dir": str(output_dir)}
 
     # --------------------------------------------------------------------------------- phase 1
-    def phase1(self, ctx: TrainContext, router, fixed_ids: torch.Tensor | None = None) -> dict[str, Any]:
+    def phase1(self, ctx: TrainContext, router: LearnedRouter, fixed_ids: torch.Tensor | None = None) -> dict[str, Any]:
         """Train ``router``'s predictor and codes; prompts go to codes by optimal transport, or by
         ``fixed_ids`` (N,) (the expert of every dataset row) when given."""
         c = self.config
@@ -286,7 +287,7 @@ class AptpPruner(Pruner):
         return out
 
     # --------------------------------------------------------------------------------- phase 2
-    def phase2(self, ctx: TrainContext, router, fixed_ids: torch.Tensor | None = None) -> dict[str, Any]:
+    def phase2(self, ctx: TrainContext, router: LearnedRouter, fixed_ids: torch.Tensor | None = None) -> dict[str, Any]:
         """Cut and fine-tune every code's expert on the prompts routed to it (by ``router``, or
         ``fixed_ids`` (N,) when given)."""
         p = self.config.phase2
@@ -323,18 +324,12 @@ def expert_steps(total: int, load: torch.Tensor) -> list[int]:
     return steps.tolist()
 
 
-def bind_seeded(router, ctx: TrainContext):
+def bind_seeded(router: LearnedRouter, ctx: TrainContext) -> LearnedRouter:
     """``router.bind(...)`` with its predictor and codes initialised from the run's seed, not from
     whatever the global random state is (which depends on what ran before in the process)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)
         return router.bind(ctx.unit_space, ctx.encoder.dim)
-
-
-def learns_codes(router) -> bool:
-    """Whether ``router`` has APTP's predictor and architecture codes (``ot``); other routers
-    (``kmeans``, ``nearest``, ``single``) only assign prompts (see :meth:`AptpPruner.run`)."""
-    return hasattr(router, "bind") and hasattr(router, "code_gates")
 
 
 def sum_gradients(params) -> None:

@@ -69,7 +69,7 @@ def cut_with_torch_pruning(denoiser: nn.Module, space: UnitSpace, granularities:
         k = keep[space.group_slice(i)]
         if bool(k.all()):
             continue
-        if grp.unit_paths:
+        if grp.is_depth:
             raise ConfigError(f"the torch-pruning backend cuts channels only, but the architecture drops "
                               f"{int((~k).sum())} {grp.kind} unit(s) (blocks of {grp.path!r}); "
                               "use cut_backend: aptp for depth pruning.")

@@ -30,8 +30,6 @@ from aptp.core.resources import count_params
 from aptp.core.units import UnitGroup, UnitSpace
 from aptp.pruners.granularities.toolkit import trace
 
-#: canonical order of the built-in kinds in a unit space (others follow in the order given)
-KIND_ORDER = ("resnet_channels", "attention_heads", "ffn", "depth")
 _GATE_MARK = "_aptp_gate"
 
 
@@ -54,15 +52,15 @@ def _by_kind(granularities: Sequence[Granularity]) -> dict[str, Granularity]:
 
 def build_unit_space(denoiser: nn.Module, granularities: Sequence[Granularity],
                      conditioning: Conditioning) -> UnitSpace:
-    """The union of the granularities' unit groups, in a fixed order, with the dense model's totals.
+    """The union of the granularities' unit groups, ordered by :attr:`Granularity.order` (then as
+    given), with the dense model's totals.
 
     Width groups whose module lies inside a depth unit get ``parent=`` that unit's path, and the
     depth unit's MACs / parameters exclude those nested groups (so nothing is counted twice).
     ``total_macs`` is the analytic per-sample MACs of the whole denoiser at ``conditioning``.
     """
     kinds = _by_kind(granularities)
-    rank = {k: i for i, k in enumerate(KIND_ORDER)}
-    order = sorted(kinds, key=lambda k: (rank.get(k, len(rank)), list(kinds).index(k)))
+    order = sorted(kinds, key=lambda k: (kinds[k].order, list(kinds).index(k)))  # Granularity.order, then as given
     groups: list[UnitGroup] = [grp for k in order for grp in kinds[k].unit_groups(denoiser, conditioning)]
 
     owners = [p for grp in groups for p in grp.unit_paths]  # depth units (blocks)
@@ -74,7 +72,7 @@ def build_unit_space(denoiser: nn.Module, granularities: Sequence[Granularity],
     nested_params: dict[str, int] = {}
     out: list[UnitGroup] = []
     for grp in groups:
-        if not grp.unit_paths:
+        if not grp.is_depth:
             parent = owner(grp.path)
             if parent is not None:
                 grp = dataclasses.replace(grp, parent=parent)
@@ -82,7 +80,7 @@ def build_unit_space(denoiser: nn.Module, granularities: Sequence[Granularity],
                 nested_params[parent] = nested_params.get(parent, 0) + grp.params_per_unit * grp.num_units
         out.append(grp)
     for i, grp in enumerate(out):
-        if grp.unit_paths and any(p in nested_macs for p in grp.unit_paths):
+        if grp.is_depth and any(p in nested_macs for p in grp.unit_paths):
             macs = tuple(m - nested_macs.get(p, 0.0) for p, m in zip(grp.unit_paths, grp.macs_of_units()))
             params = tuple(q - nested_params.get(p, 0) for p, q in zip(grp.unit_paths, grp.params_of_units()))
             out[i] = dataclasses.replace(grp, unit_macs=macs, unit_params=params,
@@ -208,8 +206,8 @@ def cut_model(denoiser: nn.Module, space: UnitSpace, granularities: Sequence[Gra
     model = denoiser if inplace else copy.deepcopy(denoiser)
     strip_gate_hooks(model)
     where = {p: space.offsets[i] + j for i, g in enumerate(space.groups) for j, p in enumerate(g.unit_paths)}
-    width = [i for i, g in enumerate(space.groups) if not g.unit_paths]
-    blocks = [i for i, g in enumerate(space.groups) if g.unit_paths]
+    width = [i for i, g in enumerate(space.groups) if not g.is_depth]
+    blocks = [i for i, g in enumerate(space.groups) if g.is_depth]
     for i in width + blocks:  # width first: a depth cut replaces whole blocks
         grp = space.groups[i]
         if grp.parent is not None and not bool(keep[where[grp.parent]]):
@@ -230,12 +228,12 @@ def uniform_architecture(space: UnitSpace, ratio: float, kinds: Sequence[str] | 
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio={ratio} must be in (0, 1].")
-    kinds = list(kinds) if kinds is not None else [g.kind for g in space.groups if not g.unit_paths]
+    kinds = list(kinds) if kinds is not None else [g.kind for g in space.groups if not g.is_depth]
 
     def arch_at(f: float) -> torch.Tensor:
         a = torch.ones(space.size)
         for i, g in enumerate(space.groups):
-            if g.kind in kinds and not g.unit_paths:
+            if g.kind in kinds and not g.is_depth:
                 k = max(min(g.num_units, min_units), min(g.num_units, math.ceil(f * g.num_units - 1e-9)))
                 sl = space.group_slice(i)
                 a[sl] = 0.0

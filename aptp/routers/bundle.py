@@ -27,11 +27,11 @@ from safetensors.torch import load_file, save_file
 from aptp.core.build import replace_dir
 from aptp.core.config import config_to_dict, instantiate_config
 from aptp.core.errors import ConfigError, IncompatibleError, UnknownComponentError, reading
-from aptp.core.interfaces import PromptEncoder, Router, RoutingResult
+from aptp.core.interfaces import LearnedRouter, PromptEncoder, Router, RoutingResult
 from aptp.core.registry import Registry
 from aptp.core.units import UnitSpace
 from aptp.routers._checks import check_prompts
-from aptp.routers.ot import OTRouter, check_architectures
+from aptp.routers.ot import check_architectures
 
 BUNDLE_FORMAT = 1
 BUNDLE_FILE = "bundle.json"
@@ -95,10 +95,10 @@ def save_router_bundle(directory: str | Path, encoder: PromptEncoder, router: Ro
     from aptp.core.plugins import default_registry
 
     registry = registry or default_registry()
-    if isinstance(router, OTRouter) and router.bound:
+    if isinstance(router, LearnedRouter) and router.bound:
         if unit_space is None:
             unit_space = router.unit_space
-        router.unit_space.require_same(unit_space.fingerprint(), "this 'ot' router")
+        router.unit_space.require_same(unit_space.fingerprint(), "this learned router")
         if architectures is None:
             architectures = router.architectures()
     if architectures is not None:
@@ -160,7 +160,7 @@ def load_router_bundle(directory: str | Path, registry: Registry | None = None) 
         unit_space = None
         if (directory / UNIT_SPACE_FILE).is_file():
             unit_space = UnitSpace.from_dict(json.loads((directory / UNIT_SPACE_FILE).read_text()))
-            if isinstance(router, OTRouter) and router.bound:
+            if isinstance(router, LearnedRouter) and router.bound:
                 router.unit_space.require_same(unit_space.fingerprint(), f"the router in {directory}")
         architectures = None
         if (directory / ARCH_FILE).is_file():

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from aptp.core.errors import ConfigError, IncompatibleError, ShapeError
-from aptp.core.interfaces import Router
+from aptp.core.interfaces import LearnedRouter
 from aptp.core.units import UnitSpace
 from aptp.routers._checks import check_embeddings
 from aptp.routers.predictor import ArchitectureCodes, ArchitecturePredictor, RawLayout
@@ -70,7 +70,7 @@ def decode_unit_space(data: torch.Tensor) -> UnitSpace:
     return UnitSpace.from_dict(json.loads(bytes(data.to(torch.uint8).tolist()).decode()))
 
 
-class OTRouter(Router):
+class OTRouter(LearnedRouter):
     """APTP router: architecture predictor + K codes, routed by optimal transport in training."""
 
     config_class = OTRouterConfig

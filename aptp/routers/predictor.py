@@ -1,7 +1,9 @@
 """The architecture predictor (hypernetwork) and the K architecture codes of APTP.
 
 Both produce *raw logits* over a unit space's groups: n_g per width group and n_g + 1 per depth
-group (see :func:`aptp.routers.gates.monotone_depth_logits`), R = U + number of depth groups in all.
+group (:attr:`aptp.core.units.UnitGroup.is_depth`, whatever its kind: ``depth``, the timm plugin's
+``timm_blocks``, ...; see :func:`aptp.routers.gates.monotone_depth_logits`), R = U + number of depth
+groups in all.
 :class:`RawLayout` turns raw logits into unit logits (..., U) and gates (..., U).
 """
 
@@ -13,15 +15,13 @@ from torch import nn
 from aptp.core.units import UnitSpace
 from aptp.routers.gates import gumbel_sigmoid, logistic_noise, monotone_depth_logits
 
-DEPTH_KIND = "depth"
-
 
 class RawLayout:
     """Where each unit group's raw logits live in a raw vector (..., R), and how they become gates."""
 
     def __init__(self, unit_space: UnitSpace) -> None:
         self.unit_space = unit_space
-        self.is_depth = [g.kind == DEPTH_KIND for g in unit_space.groups]
+        self.is_depth = [g.is_depth for g in unit_space.groups]
         self.raw_sizes = [g.num_units + d for g, d in zip(unit_space.groups, self.is_depth)]
         self.raw_size = sum(self.raw_sizes)  # R
         sizes = torch.tensor([float(g.num_units) for g in unit_space.groups for _ in range(g.num_units)])

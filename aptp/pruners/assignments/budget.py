@@ -32,7 +32,7 @@ def select_at_budget(space: UnitSpace, importance: torch.Tensor, ratio: float, m
     score = normalise_per_group(space, importance.nan_to_num(posinf=float("inf"))) / macs.clamp_min(1.0)
     protected = torch.isinf(importance)
     for i, g in enumerate(space.groups):  # keep the min_units best units of each width group
-        if not g.unit_paths:
+        if not g.is_depth:
             sl = space.group_slice(i)
             best = score[sl].argsort(descending=True)[: min(min_units, g.num_units)]
             protected[sl.start + best] = True

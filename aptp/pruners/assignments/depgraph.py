@@ -82,7 +82,7 @@ def unit_scores(space: UnitSpace, granularities: Sequence[Granularity], denoiser
     kinds = {g.kind: g for g in granularities}
     scores = torch.full((space.size,), float("inf"), dtype=torch.float64)
     for i, grp in enumerate(space.groups):
-        if grp.unit_paths:
+        if grp.is_depth:
             continue  # depth: blocks, not channels
         try:
             group = unit_group_dependencies(graph, kinds[grp.kind], denoiser, grp)

@@ -127,6 +127,7 @@ class AttentionHeads(Granularity):
 
     config_class = AttentionHeadsConfig
     kind = "attention_heads"
+    order = 1
 
     def unit_groups(self, denoiser: nn.Module, conditioning: Conditioning) -> list[UnitGroup]:
         tr = trace(denoiser, conditioning)

@@ -152,6 +152,7 @@ class Depth(Granularity):
 
     config_class = DepthConfig
     kind = "depth"
+    order = 3
     group_path = "depth"
 
     def block_paths(self, denoiser: nn.Module) -> list[str]:

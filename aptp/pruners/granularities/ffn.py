@@ -75,6 +75,7 @@ class FFN(Granularity):
 
     config_class = FFNConfig
     kind = "ffn"
+    order = 2
 
     def _units(self, f: int, path: str) -> int:
         n = min(self.config.num_units, f)

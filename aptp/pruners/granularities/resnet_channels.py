@@ -79,6 +79,7 @@ class ResnetChannels(Granularity):
 
     config_class = ResnetChannelsConfig
     kind = "resnet_channels"
+    order = 0
 
     def unit_groups(self, denoiser: nn.Module, conditioning: Conditioning) -> list[UnitGroup]:
         tr = trace(denoiser, conditioning)
