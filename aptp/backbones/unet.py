@@ -25,7 +25,6 @@ convention; the granularities work on diffusers' module types, not on this class
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +68,6 @@ class UNetBackboneConfig:
             raise ValueError(f"resolution={self.resolution} is too small; give the image side in pixels (e.g. 256) or null.")
         if self.text_len < 1:
             raise ValueError(f"text_len={self.text_len} must be >= 1 (SD uses 77).")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
 
 
 class UNetBackbone(Backbone):

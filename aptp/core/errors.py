@@ -85,10 +85,3 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
 
-
-def check_shape(name: str, tensor, shape: tuple) -> None:
-    """Raise ShapeError unless ``tensor.shape`` matches ``shape`` (``None`` entries match anything)."""
-    actual = tuple(tensor.shape)
-    if len(actual) != len(shape) or any(e is not None and e != a for e, a in zip(shape, actual)):
-        want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
-        raise ShapeError(f"{name} must have shape {want}, got {actual}.")

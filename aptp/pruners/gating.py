@@ -133,10 +133,6 @@ class Gates:
     def clear(self) -> None:
         self.set(None)
 
-    @property
-    def active(self) -> torch.Tensor | None:
-        return self._g
-
     def remove(self) -> None:
         for h in self._handles:
             h.remove()

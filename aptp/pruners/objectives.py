@@ -46,11 +46,6 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(a.float(), b.float(), reduction="none").flatten(1).mean(dim=1)
 
 
-def denoising_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted denoising loss, scalar."""
-    return (per_sample_mse(pred, target) * weights).mean()
-
-
 def block_distillation_per_sample(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
     """Block-feature distillation per sample, (B,): the MSE between student and teacher block
     outputs, **averaged over the blocks** (the original sums the per-block MSEs and divides by the
@@ -58,11 +53,6 @@ def block_distillation_per_sample(student: Sequence[torch.Tensor], teacher: Sequ
     if len(student) != len(teacher) or not student:
         raise ValueError(f"need as many student as teacher block features (>0), got {len(student)} and {len(teacher)}.")
     return torch.stack([per_sample_mse(s, t) for s, t in zip(student, teacher)]).mean(dim=0)
-
-
-def block_distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean over blocks (and samples) of the MSE between student and teacher block outputs, a scalar."""
-    return block_distillation_per_sample(student, teacher).mean()
 
 
 @dataclass

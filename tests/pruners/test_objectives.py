@@ -15,9 +15,8 @@ def test_block_distillation_is_the_mean_over_blocks_not_the_sum():
     s, t = _features(3, seed=0), _features(3, seed=1)
     per_block = torch.stack([((a - b) ** 2).flatten(1).mean(1) for a, b in zip(s, t)])  # (blocks, B)
     torch.testing.assert_close(O.block_distillation_per_sample(s, t), per_block.mean(0))
-    torch.testing.assert_close(O.block_distillation_loss(s, t), per_block.mean())
     # repeating every block leaves the mean unchanged (a sum would double it)
-    torch.testing.assert_close(O.block_distillation_loss(s + s, t + t), O.block_distillation_loss(s, t))
+    torch.testing.assert_close(O.block_distillation_per_sample(s + s, t + t), O.block_distillation_per_sample(s, t))
 
 
 def test_block_distillation_needs_matching_blocks():
@@ -35,7 +34,7 @@ def test_task_losses_are_global_batch_means():
     task = O.task_losses(pred, teacher, target, w, f_s, f_t)
     torch.testing.assert_close(task.denoise, (O.per_sample_mse(pred, target) * w).mean())
     torch.testing.assert_close(task.distill, O.per_sample_mse(pred, teacher).mean())
-    torch.testing.assert_close(task.block, O.block_distillation_loss(f_s, f_t))
+    torch.testing.assert_close(task.block, O.block_distillation_per_sample(f_s, f_t).mean())
     # two processes' halves over the global batch sum to the whole batch's losses
     halves = [O.task_losses(pred[r], teacher[r], target[r], w[r], [f[r] for f in f_s], [f[r] for f in f_t],
                             global_batch=4) for r in (slice(0, 2), slice(2, 4))]

@@ -219,6 +219,3 @@ class _Call(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> Any:
         return self._call(self.model, *inputs)
 
-
-def param_count(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() for t in tensors if t is not None)
