@@ -1,4 +1,5 @@
-"""Write the serving section of benchmarks/RESULTS.md from memory_world.json and serving_world.json.
+"""Write the serving section of benchmarks/RESULTS.md from memory_world.json, serving_world.json and
+lora_vs_full_world.json.
 
     python benchmarks/serving/report.py
 """
@@ -49,6 +50,17 @@ def main() -> None:
         lines.append(f"| {r['load']} | {r['model']} | {r['throughput']:.2f} | {r['cpu_throughput']:.2f} | "
                      f"{r['cpu_throughput'] / static[r['load']]:.2f} | {r['route_cpu_share']:.3f} | {r['p50_s']:.2f} | "
                      f"{r['p95_s']:.2f} | {r['groups']:.0f} | {r['mean_batch']:.1f} |")
+    lora = HERE / "lora_vs_full_world.json"
+    if lora.is_file():
+        lv = json.loads(lora.read_text())
+        lines += ["", f"### Phase 2: full fine-tuning vs LoRA (`lora_vs_full.py`; one expert, {lv['steps']} steps at batch "
+                  f"{lv['batch_size']}, the world preset's phase-2 loss weights)", "",
+                  "Output-distillation MSE against the dense model on a fixed batch of the expert's prompts (a proxy of "
+                  "quality, not the evaluation protocol), and the size of the stored diff (shared storage).", "",
+                  "| phase 2 | lr | distill before | distill after | stored diff (MiB) | CPU s |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in lv["rows"]:
+            lines.append(f"| {r['phase2']} | {r['lr']:g} | {r['distill_before']:.4f} | {r['distill_after']:.4f} | "
+                         f"{r['stored_diff_mib']:.2f} | {r['cpu_s']:.0f} |")
     lines.append(END)
     update_section(START, END, "\n".join(lines))
     print("\n".join(lines))

@@ -121,3 +121,14 @@ def test_a_failing_group_fails_each_of_its_requests_and_the_others_still_run(pip
         with pytest.raises(RuntimeError, match="cannot be loaded"):
             f.result(timeout=0)
     assert ok.result(timeout=0).image.shape[0] == 3
+
+
+def test_compiled_experts_give_the_same_image(pipe):
+    server = ExpertScheduler(pipe, max_batch=2, max_wait_s=0.0, num_inference_steps=STEPS, compile=True,
+                             compile_options={"backend": "eager"})  # dynamo capture; inductor takes minutes on CPU
+    futures = [server.submit(p, generator=torch.Generator().manual_seed(i)) for i, p in
+               enumerate(["a red circle", "a blue square"])]
+    server.poll(flush=True)
+    assert isinstance(server._denoisers[1], torch._dynamo.eval_frame.OptimizedModule)
+    for i, (p, f) in enumerate(zip(["a red circle", "a blue square"], futures)):
+        assert torch.allclose(f.result(timeout=0).image, _alone(pipe, p, i), atol=1e-5), p
