@@ -70,7 +70,7 @@ def save_expert(directory: str | Path, expert: nn.Module, architecture: torch.Te
                 granularities: list[Granularity], conditioning: Conditioning,
                 backbone: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
                 storage: str = "materialised", dense: nn.Module | None = None,
-                lowrank: Mapping[str, LowRank] | None = None) -> Path:
+                lowrank: Mapping[str, LowRank] | None = None, diff_rank: int | None = None) -> Path:
     """Write ``expert`` (a cut diffusers model, e.g. from :func:`cut_model`) and how to rebuild it.
 
     ``storage="materialised"``: the expert's own weights (a plain diffusers folder plus
@@ -78,6 +78,9 @@ def save_expert(directory: str | Path, expert: nn.Module, architecture: torch.Te
     cut from, required) plus the diff of each tensor against its dense slice (see the module
     docstring); ``lowrank``: tensors whose diff is a low-rank product (e.g. LoRA factors from
     :mod:`aptp.pruners.lora`), stored as factors while ``expert`` holds the unchanged base there.
+    ``diff_rank``: store the diffs of 2-D / 4-D weights after full fine-tuning as their best rank-r
+    approximation (truncated SVD; LOSSY, marked ``"lossy": true``) where that is smaller than the diff;
+    1-D diffs (norms, biases) stay exact. None (default): every diff exact.
     """
     directory = Path(directory)
     space.check(architecture)
@@ -88,7 +91,9 @@ def save_expert(directory: str | Path, expert: nn.Module, architecture: torch.Te
     if storage == "shared":
         if dense is None:
             raise ValueError("storage='shared' needs dense= (the dense model the expert was cut from).")
-        shared = _save_shared(directory, expert, dense, space, granularities, arch, lowrank or {})
+        if diff_rank is not None and diff_rank < 1:
+            raise ValueError(f"diff_rank={diff_rank} must be >= 1 (or None for exact diffs).")
+        shared = _save_shared(directory, expert, dense, space, granularities, arch, lowrank or {}, diff_rank)
     elif lowrank:  # materialised: the low-rank diffs go into the weights
         expert = merge_lowrank(copy.deepcopy(expert), lowrank)
     bb = _backbone(backbone)
@@ -307,7 +312,7 @@ def _checksum(state: Mapping[str, torch.Tensor], names: list[str]) -> float:
 
 def _save_shared(directory: Path, expert: nn.Module, dense: nn.Module, space: UnitSpace,
                  granularities: list[Granularity], arch: torch.Tensor,
-                 lowrank: Mapping[str, LowRank]) -> dict[str, Any]:
+                 lowrank: Mapping[str, LowRank], diff_rank: int | None = None) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     slices = slice_map(dense, space, granularities, arch)
@@ -321,6 +326,7 @@ def _save_shared(directory: Path, expert: nn.Module, dense: nn.Module, space: Un
         raise ValueError(f"lowrank names tensors the expert does not have: {sorted(unknown)[:3]}.")
     index_tensors: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}
+    lossy_names: list[str] = []
     table: dict[str, Any] = {}
     with torch.no_grad():
         for name, w in own.items():
@@ -344,14 +350,35 @@ def _save_shared(directory: Path, expert: nn.Module, dense: nn.Module, space: Un
                 deltas[f"lora_A/{name}"] = lr.A.detach().cpu().contiguous()
                 deltas[f"lora_B/{name}"] = lr.B.detach().cpu().contiguous()
                 table[name]["lora_scale"] = float(lr.scale)
-            if bool(diff.ne(0).any()):  # fully fine-tuned (or a non-adapter tensor that changed): its exact diff
+            if not bool(diff.ne(0).any()):
+                continue
+            lossy = _truncated(diff, diff_rank) if diff_rank is not None and name not in lowrank else None
+            if lossy is not None:  # fully fine-tuned, compressed: the best rank-r approximation of the diff
+                deltas[f"lora_A/{name}"], deltas[f"lora_B/{name}"] = lossy.A.cpu().contiguous(), lossy.B.cpu().contiguous()
+                table[name]["lora_scale"] = 1.0
+                lossy_names.append(name)
+            else:  # fully fine-tuned (or a non-adapter tensor that changed): its exact diff
                 deltas[f"delta/{name}"] = diff.cpu().contiguous()
     directory.mkdir(parents=True, exist_ok=True)
     save_file(index_tensors, str(directory / SLICES_FILE))
     save_file(deltas, str(directory / DELTA_FILE))
     sources = [v["source"] for v in table.values() if v is not None]
-    return {"tensors": table, "dense_checksum": _checksum(base, sources),
+    return {"tensors": table, "dense_checksum": _checksum(base, sources), "lossy": bool(lossy_names),
+            **({"diff_rank": diff_rank, "lossy_tensors": len(lossy_names)} if lossy_names else {}),
             "delta_bytes": sum(t.numel() * t.element_size() for t in deltas.values())}
+
+
+def _truncated(diff: torch.Tensor, rank: int) -> LowRank | None:
+    """The best rank-``rank`` factors of a 2-D / 4-D diff (out, in * kh * kw), or None when the diff is
+    1-D or the factors would not be smaller than the diff itself."""
+    if diff.dim() < 2:
+        return None
+    m = diff.detach().flatten(1).double()  # (out, in * kh * kw)
+    r = min(rank, *m.shape)
+    if r * (m.shape[0] + m.shape[1]) >= m.numel():
+        return None
+    u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    return LowRank(vh[:r].to(diff.dtype), (u[:, :r] * sv[:r]).to(diff.dtype), 1.0)
 
 
 @dataclass

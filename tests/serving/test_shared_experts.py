@@ -155,3 +155,21 @@ def test_gathered_weights_are_held_for_a_block_of_calls_and_then_dropped(shared_
         with shared.gathered():  # nested: the outer block's weights
             assert shared._held is held
     assert shared._held is None
+
+
+def test_compressed_diffs_are_marked_lossy_smaller_and_shared_equals_materialised(tiny, tmp_path, tiny_inputs):
+    bb, dense, space, grans, ref = tiny
+    expert, arch = _finetuned(tiny, 7)
+    exact = save_expert(tmp_path / "exact", expert, arch, space, grans, bb.conditioning(), backbone=ref,
+                        storage="shared", dense=dense)
+    lossy = save_expert(tmp_path / "lossy", expert, arch, space, grans, bb.conditioning(), backbone=ref,
+                        storage="shared", dense=dense, diff_rank=2)
+    meta = json.loads((lossy / EXPERT_FILE).read_text())["shared"]
+    assert meta["lossy"] is True and meta["diff_rank"] == 2 and meta["lossy_tensors"] > 0
+    assert json.loads((exact / EXPERT_FILE).read_text())["shared"]["lossy"] is False
+    assert (lossy / DELTA_FILE).stat().st_size < 0.5 * (exact / DELTA_FILE).stat().st_size
+    shared, materialised = load_expert(lossy, dense=dense, materialise=False), load_expert(lossy, dense=dense)
+    assert torch.allclose(_run(shared, *tiny_inputs), _run(materialised, *tiny_inputs), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="diff_rank=0 must be >= 1"):
+        save_expert(tmp_path / "bad", expert, arch, space, grans, bb.conditioning(), storage="shared", dense=dense,
+                    diff_rank=0)
