@@ -176,10 +176,10 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ the folder
-def has_results(directory: str | Path) -> bool:
-    """Whether ``directory`` holds anything besides this module's lock files."""
+def has_results(directory: str | Path, besides: tuple[str, ...] = ()) -> bool:
+    """Whether ``directory`` holds anything besides this module's lock files (and ``besides``)."""
     directory = Path(directory)
-    return directory.is_dir() and any(p.name not in (LOCK_FILE, OWNER_FILE) for p in directory.iterdir())
+    return directory.is_dir() and any(p.name not in (LOCK_FILE, OWNER_FILE, *besides) for p in directory.iterdir())
 
 
 def check_run_folder(directory: str | Path, config: DictConfig, registry=None, hint: str = RUN_HINT) -> str:
@@ -200,6 +200,8 @@ def check_run_folder(directory: str | Path, config: DictConfig, registry=None, h
                               f"config. {hint}") from None
         if digest == new["sha256"] or _same_with_new_defaults(old, new, registry):
             return "same"
+        if not has_results(directory, besides=(FINGERPRINT_FILE, "config.yaml")):
+            return "new"  # a run that stopped before writing anything (e.g. a config error): nothing to lose
         _refuse(directory, differences(old, new), hint, (old.get("code"), new["code"]))
     if not has_results(directory):
         return "new"

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.distributed as dist
@@ -75,6 +75,7 @@ class Phase1Weights:
 
 @dataclass
 class Phase2Config:
+    KEY: ClassVar[str] = "phase2"  # the config key errors name (the static pruner's subclass: finetune)
     steps: int = 30_000  # fine-tuning steps per expert (split: per_expert), or in all (split: by_load)
     # "per_expert" (the paper: every expert gets `steps`) or "by_load": `steps` is the total, shared
     # out by each expert's routed training load, so a K-expert run costs what one static model costs
@@ -85,8 +86,26 @@ class Phase2Config:
     distill: float = 0.2
     block: float = 0.2
     checkpoint_every: int = 100  # fine-tuning steps between an expert's checkpoints (and at its end)
+    # "none" (the paper: every weight of the cut expert) or "lora": low-rank adapters (peft, extra
+    # [lora]) of rank lora_rank (scale lora_alpha / rank, default 1) on its linear / conv weights
+    adapter: str = "none"
+    lora_rank: int = 8
+    lora_alpha: Optional[float] = None
+    # "materialised" (a plain diffusers model per expert) or "shared": index sets over the dense
+    # weights + the expert's diffs / LoRA factors, loaded from one resident dense copy
+    storage: str = "materialised"
 
     def __post_init__(self) -> None:
+        from aptp.pruners.expert import STORAGES
+        from aptp.pruners.lora import check_adapter
+
+        key = self.KEY
+        try:
+            check_adapter(self.adapter, self.lora_rank)
+        except ValueError as exc:
+            raise ValueError(f"{key}.adapter / {key}.lora_rank: {exc}") from None
+        if self.storage not in STORAGES:
+            raise ValueError(f"{key}.storage={self.storage!r} is unknown; use one of {list(STORAGES)}.")
         values.positive("phase2.lr", self.lr, "(the paper: 1e-5, times sqrt(batch) with scale_lr)")
         values.weights("phase2.", self, ("denoise", "distill", "block"))
         if self.steps < 0 or self.batch_size < 1:
@@ -309,7 +328,9 @@ class AptpPruner(Pruner):
             losses[k] = ctx.finetune_expert(k, archs[k], members, steps=steps[k], batch_size=p.batch_size,
                                             lr=p.lr * (math.sqrt(p.batch_size) if self.config.scale_lr else 1.0),
                                             weights=(p.denoise, p.distill, p.block),
-                                            resume=self.config.resume, checkpoint_every=p.checkpoint_every)
+                                            resume=self.config.resume, checkpoint_every=p.checkpoint_every,
+                                            adapter=p.adapter, lora_rank=p.lora_rank, lora_alpha=p.lora_alpha,
+                                            storage=p.storage)
         summary["phase2_distill_before_after"] = losses
         return summary
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from aptp.core import values
-from aptp.core.interfaces import AssignmentContext, Pruner
+from aptp.core.interfaces import AssignmentContext, LearnedRouter, Pruner
 from aptp.core.rundir import open_run
 from aptp.latency.resource import check_resource, fit_latency_model, latency_budget
 from aptp.pruners.aptp import Phase2Config
@@ -24,6 +24,8 @@ from aptp.routers._checks import check_enough_prompts
 class FinetuneConfig(Phase2Config):
     """APTP's phase-2 fine-tuning settings under the static pruner's own key, ``finetune``: the same
     fields, checked with messages that name ``finetune.*`` (the keys a static config has)."""
+
+    KEY: ClassVar[str] = "finetune"
 
     def __post_init__(self) -> None:
         values.positive("finetune.lr", self.lr, "(e.g. 1e-5, times sqrt(batch) with scale_lr)")
@@ -73,6 +75,12 @@ class StaticPruner(Pruner):
     def run(self, composition, output_dir: Path) -> dict[str, Any]:
         c = self.config
         router = composition.require("router")  # fail before loading any model
+        if isinstance(router, LearnedRouter):
+            from aptp.core.errors import ConfigError
+
+            raise ConfigError(f"the static pruner takes a router that learns no codes (router=single for one "
+                              f"model, or kmeans / nearest / keyword / random_partition for static experts), "
+                              f"not '{composition.config.router.name}', whose codes only APTP's phase 1 learns (pruner=aptp).")
         assignment = composition.require("assignment")
         with open_run(output_dir, composition.config, composition.registry):  # lock; refuse another config's folder
             ctx = TrainContext(composition, c.data, Path(output_dir), progress=c.progress,
@@ -103,7 +111,9 @@ class StaticPruner(Pruner):
                 losses[k] = ctx.finetune_expert(k, archs[k], members, steps=f.steps, batch_size=f.batch_size,
                                                 lr=f.lr * (math.sqrt(f.batch_size) if c.scale_lr else 1.0),
                                                 weights=(f.denoise, f.distill, f.block), resume=c.resume,
-                                                cut_backend=c.cut_backend, checkpoint_every=f.checkpoint_every)
+                                                cut_backend=c.cut_backend, checkpoint_every=f.checkpoint_every,
+                                                adapter=f.adapter, lora_rank=f.lora_rank, lora_alpha=f.lora_alpha,
+                                                storage=f.storage)
             ctx.save_bundle(router, archs)
         ratios = ctx.unit_space.macs_ratio(archs)
         summary = {} if latency is None else {

@@ -150,6 +150,19 @@ def test_an_option_added_since_at_its_default_keeps_a_finished_run(run_copy):
         check_run_folder(run_copy, _config(f"pruner.phase2.lr={default_lr * 2}"))
 
 
+def test_a_run_that_stopped_before_any_result_does_not_block_the_corrected_one(tmp_path):
+    """A run refused after its folder was opened (a bad component choice found at run time) leaves
+    only fingerprint.json and config.yaml: the corrected rerun starts there instead of being
+    refused as "a different run"."""
+    out = tmp_path / "run"
+    with open_run(out, _config("pruner.target_ratio=0.5")):
+        pass  # stopped here: no result written
+    assert check_run_folder(out, _config()) == "new"
+    (out / "phase1.jsonl").write_text("{}\n")  # a result: now the folder is another run's
+    with pytest.raises(ConfigError, match="holds results of a different run"):
+        check_run_folder(out, _config())
+
+
 def test_damaged_fingerprint_is_refused(run_copy):
     (run_copy / FINGERPRINT_FILE).write_text("{not json")
     with pytest.raises(ConfigError, match="damaged"):
