@@ -11,6 +11,10 @@ Phase 1 (model weights frozen) trains the router's architecture predictor and it
     L = w_d L_denoise + w_o L_out + w_b L_block + w_r |log(mean r / p)| + w_s (-std r + 1 - max r)
         + w_c L_contrastive(a, z)             # r = kept-MACs ratio of g, (B,)
 
+With ``code_budget: sensitivity`` (an option; the paper's ``uniform`` is the default) the resource
+term gains ``sum_k (n_k / B) |log(rbar_k / p_k)|`` with per-code targets p_k allocated, once after
+warm-up, from each code's measured sensitivity to pruning (:mod:`aptp.pruners.capacity`).
+
 L_block is averaged over the down/mid/up blocks (as the original); the task terms are assembled by
 :func:`aptp.pruners.objectives.task_losses`, the same function phase 2 uses. The contrastive loss
 compares the architectures routing compares (hard straight-through gates, group-normalised:
@@ -144,8 +148,22 @@ class AptpPrunerConfig:
     # latency_model (aptp.latency.resource), measured on the hardware that model names
     resource: str = "macs"
     latency_model: Optional[dict[str, Any]] = None  # {name: <registered latency model>, ...}; None: profiled
+    # "uniform" (the paper): one resource target, on the batch mean. "sensitivity" (an option, issue 15):
+    # at the first post-warm-up step, measure how much each code's prompts suffer from pruning and give
+    # each code its own target p_k (|p_k - target_ratio| <= code_budget_spread, load-weighted mean =
+    # target_ratio), priced by an extra per-code resource term (aptp.pruners.capacity).
+    code_budget: str = "uniform"
+    code_budget_spread: float = 0.15  # most a code's target may differ from target_ratio
+    code_budget_samples: int = 256  # training prompts routed and measured (dataset rows, seeded)
 
     def __post_init__(self) -> None:
+        from aptp.pruners.capacity import check_code_budget
+
+        check_code_budget(self.code_budget)
+        if not 0.0 <= self.code_budget_spread < 1.0:
+            raise ValueError(f"code_budget_spread={self.code_budget_spread} must be in [0, 1) (e.g. 0.15).")
+        if self.code_budget_samples < 1:
+            raise ValueError(f"code_budget_samples={self.code_budget_samples} must be >= 1 (e.g. 256).")
         if not 0.0 < self.target_ratio <= 1.0:
             raise ValueError(f"target_ratio={self.target_ratio} must be in (0, 1] (the paper: 0.6 to 0.85).")
         check_resource(self.resource, self.latency_model)
@@ -210,6 +228,7 @@ class AptpPruner(Pruner):
         opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=c.weight_decay)
         ckpt_dir = ctx.output_dir / "checkpoints" / "phase1"
         start = 0
+        capacity: dict[str, torch.Tensor] | None = None  # code_budget=sensitivity: measured once after warm-up
         if c.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
             start, state = found
             with reading(ckpt_dir, f"the checkpoint of step {start} under",
@@ -218,6 +237,9 @@ class AptpPruner(Pruner):
                 opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=c.weight_decay)
                 opt.load_state_dict(state["opt"])
                 set_rng_state(state["rng"])
+                capacity = state.get("capacity")
+                if c.code_budget == "sensitivity" and start > c.warmup_steps and capacity is None:
+                    raise ValueError("it holds no measured code targets (code_budget=sensitivity)")
             ctx.log(f"phase 1: resumed from step {start}")
         log = JsonlLogger(ctx.output_dir / "phase1.jsonl", enabled=ctx.is_main)
         log.rewind(start)
@@ -236,6 +258,9 @@ class AptpPruner(Pruner):
                     router.init_codes_from_predictions(ctx.all_embeddings()[sample], seed=ctx.seed)
                 else:  # the fixed router's groups are the clusters
                     router.init_codes_from_groups(ctx.all_embeddings()[sample], fixed_ids[sample])
+            if step == c.warmup_steps and c.code_budget == "sensitivity":
+                capacity = self._code_budgets(ctx, router, balancer, fixed_ids, ratio_of)
+                ctx.log(f"phase 1: code targets {[round(x, 4) for x in capacity['targets'].tolist()]}")
             z = batch.z  # (b, D) local rows
             with torch.random.fork_rng():  # gate noise depends on (seed, step) only: resumable
                 torch.manual_seed(step_generator(ctx.seed, step, "gates").initial_seed())
@@ -263,6 +288,12 @@ class AptpPruner(Pruner):
             r_local = ratio_of(g_deploy).detach() + r_soft - r_soft.detach()  # (b,)
             r, _ = D.all_gather_rows(r_local)  # (B,) global, gradient through the local rows
             l_res = resource_loss(r, c.target_ratio)
+            l_code = None
+            if capacity is not None and not warm:  # per-code targets; the global term above stays
+                from aptp.pruners.capacity import code_resource_loss
+
+                ids_all, _ = D.all_gather_rows(expert, keep_grad=False)  # (B,)
+                l_code = code_resource_loss(r, ids_all, capacity["targets"])
             l_spread = sum(spread_losses(r))
             # Contrastive loss on the predicted architectures as routing sees them (the original):
             # hard straight-through gates normalised by group size, not the raw logits e.
@@ -274,6 +305,8 @@ class AptpPruner(Pruner):
             l_con = contrastive_loss(a_all, z_all, tau=c.contrastive_tau, gather=False)
             loss = (task.weighted(w.denoise, w.distill, w.block) + w.resource * l_res
                     + w.spread * l_spread + w.contrastive * l_con)
+            if l_code is not None:
+                loss = loss + w.resource * l_code
             opt.zero_grad(set_to_none=True)
             loss.backward()
             sum_gradients(router.parameters())
@@ -286,24 +319,64 @@ class AptpPruner(Pruner):
                     # each process holds its share of the per-sample terms: sum them for the log
                     parts = D.all_reduce_sum(task.stacked())
                     l_global = w.resource * l_res + w.spread * l_spread + w.contrastive * l_con  # already global
+                    if l_code is not None:
+                        l_global = l_global + w.resource * l_code
                     total = float((parts * torch.tensor([w.denoise, w.distill, w.block])).sum() + l_global)
                 last = {"step": step, "loss": total, "denoise": parts[0].item(), "distill": parts[1].item(),
                         "block": parts[2].item(), "resource": l_res.item(), "contrastive": l_con.item(),
                         "mean_ratio": r.mean().item(), "warmup": warm,
                         "load": load.tolist() if not warm else None, "code_ratios": code_r.tolist()}
+                if c.code_budget == "sensitivity":
+                    last["code_resource"] = None if l_code is None else l_code.item()
+                    last["code_targets"] = None if capacity is None else capacity["targets"].tolist()
                 log.write(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", ratio=f"{last['mean_ratio']:.3f}")
             if (step + 1) % c.checkpoint_every == 0 or step == c.steps - 1:
                 if ctx.is_main:
-                    save_checkpoint(ckpt_dir, step + 1, {"router": router.state_tensors(),
-                                                         "opt": opt.state_dict(), "rng": rng_state()})
+                    state = {"router": router.state_tensors(), "opt": opt.state_dict(), "rng": rng_state()}
+                    if capacity is not None:
+                        state["capacity"] = capacity
+                    save_checkpoint(ckpt_dir, step + 1, state)
                 ctx.barrier()
         code_ratios = ctx.unit_space.macs_ratio(router.architectures())
         out = {"phase1_steps": c.steps, "expert_macs_ratios": [round(float(x), 4) for x in code_ratios],
                "phase1_last": last}
         if c.resource != "macs":
             out[f"expert_{c.resource}_ratios"] = [round(float(x), 4) for x in ratio_of(router.architectures())]
+        if capacity is not None:
+            out["code_targets"] = [round(float(x), 4) for x in capacity["targets"]]
+            out["code_sensitivity"] = {"ratios": [round(float(x), 4) for x in capacity["ratios"]],
+                                       "errors": [[float(x) for x in row] for row in capacity["errors"]],
+                                       "loads": [int(x) for x in capacity["loads"]]}
         return out
+
+    def _code_budgets(self, ctx: TrainContext, router: LearnedRouter, balancer, fixed_ids: torch.Tensor | None,
+                      ratio_of) -> dict[str, torch.Tensor]:
+        """``code_budget: sensitivity``: route a seeded sample of ``code_budget_samples`` training
+        prompts as training routes them (the balancer on the freshly initialised codes, or
+        ``fixed_ids``), measure each code's output-distillation error under uniform pruning at
+        ``target -/+ spread`` and allocate per-code targets (:mod:`aptp.pruners.capacity`).
+        Deterministic (seeded data, noise and timesteps; the global random state is left alone).
+        Returns {"targets" (K,), "errors" (K, 3), "ratios" (3,), "loads" (K,)}."""
+        from aptp.pruners.capacity import allocate_targets, measure_sensitivity, measurement_ratios
+
+        c = self.config
+        n = min(len(ctx.dataset), c.code_budget_samples)
+        sample = global_batch_indices(len(ctx.dataset), n, ctx.seed, 0)  # (n,) dataset rows
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            if fixed_ids is None:
+                z = ctx.all_embeddings()[sample]  # (n, D)
+                mine = local_rows(n)  # each process routes its rows of the global sample, as in training
+                ids_local = balancer.assign(router.scores(z[mine].to(ctx.state.device)))  # (n_r,)
+                ids = D.all_gather_rows(ids_local, keep_grad=False)[0].cpu()  # (n,)
+            else:
+                ids = fixed_ids[sample].cpu()  # (n,)
+            groups = [sample[ids == k] for k in range(router.num_experts)]
+            loads = torch.bincount(ids, minlength=router.num_experts)  # (K,)
+            errors, measured = measure_sensitivity(ctx, groups, measurement_ratios(c.target_ratio, c.code_budget_spread),
+                                                   batch_size=c.batch_size, ratio_of=ratio_of)
+        targets = allocate_targets(errors, measured, loads, c.target_ratio, c.code_budget_spread)  # (K,)
+        return {"targets": targets.float(), "errors": errors, "ratios": measured, "loads": loads}
 
     # --------------------------------------------------------------------------------- phase 2
     def phase2(self, ctx: TrainContext, router: LearnedRouter, fixed_ids: torch.Tensor | None = None) -> dict[str, Any]:
