@@ -134,3 +134,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "small": {"unet": SMALL_UNET, "vae": SD21_VAE, "text": SMALL_TEXT, "scheduler": SD21_SCHEDULER},
     "tiny": {"unet": TINY_UNET, "vae": TINY_VAE, "text": TINY_TEXT, "scheduler": TINY_SCHEDULER},
 }
+
+
+def check_common_fields(config: Any, presets: Any, text_encoders: Any, *, text_len_example: str,
+                        side_example: int, no_vae: str = "pixel space") -> None:
+    """The checks every built-in backbone config shares (``preset``, ``text_encoder``, ``vae``,
+    ``text_len``, ``resolution``), as one-line ValueErrors naming the field and what to use."""
+    if config.preset not in presets:
+        raise ValueError(f"preset={config.preset!r} is unknown; use one of {sorted(presets)}.")
+    if config.text_encoder not in text_encoders:
+        raise ValueError(f"text_encoder={config.text_encoder!r} is unknown; use one of {list(text_encoders)}.")
+    if config.vae not in (None, "auto"):
+        raise ValueError(f"vae={config.vae!r} must be 'auto' or null ({no_vae}).")
+    if config.text_len is not None and config.text_len < 1:
+        raise ValueError(f"text_len={config.text_len} must be >= 1 ({text_len_example}).")
+    if config.resolution is not None and config.resolution < 8:
+        raise ValueError(f"resolution={config.resolution} is too small; give the image side in pixels "
+                         f"(e.g. {side_example}) or null.")

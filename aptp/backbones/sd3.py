@@ -41,6 +41,7 @@ from aptp.backbones import flow
 from aptp.core.errors import ConfigError
 from aptp.core.interfaces import BackboneModules, Conditioning
 from aptp.pruners.granularities.toolkit import register_denoiser_call
+from aptp.backbones.presets import check_common_fields
 
 TEXT_ENCODERS = ("auto", "pretrained", "random", "none")
 
@@ -124,16 +125,8 @@ class SD3BackboneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset={self.preset!r} is unknown; use one of {sorted(PRESETS)}.")
-        if self.text_encoder not in TEXT_ENCODERS:
-            raise ValueError(f"text_encoder={self.text_encoder!r} is unknown; use one of {list(TEXT_ENCODERS)}.")
-        if self.vae not in (None, "auto"):
-            raise ValueError(f"vae={self.vae!r} must be 'auto' or null (no VAE).")
-        if self.text_len is not None and self.text_len < 1:
-            raise ValueError(f"text_len={self.text_len} must be >= 1 (SD3 uses 256 T5 tokens).")
-        if self.resolution is not None and self.resolution < 8:
-            raise ValueError(f"resolution={self.resolution} is too small; give the image side in pixels (e.g. 1024) or null.")
+        check_common_fields(self, PRESETS, TEXT_ENCODERS, text_len_example="SD3 uses 256 T5 tokens",
+                            side_example=1024, no_vae="no VAE")
 
 
 class SD3Backbone(flow.FlowBackbone):

@@ -35,6 +35,7 @@ from torch import nn
 from aptp.backbones.unet import local_pretrained
 from aptp.core.errors import ConfigError
 from aptp.core.interfaces import Backbone, BackboneModules, Conditioning
+from aptp.backbones.presets import check_common_fields
 
 TEXT_ENCODERS = ("auto", "minilm", "pretrained", "none")
 
@@ -116,16 +117,7 @@ class DiTBackboneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESET_NAMES:
-            raise ValueError(f"preset={self.preset!r} is unknown; use one of {list(PRESET_NAMES)}.")
-        if self.text_encoder not in TEXT_ENCODERS:
-            raise ValueError(f"text_encoder={self.text_encoder!r} is unknown; use one of {list(TEXT_ENCODERS)}.")
-        if self.vae not in (None, "auto"):
-            raise ValueError(f"vae={self.vae!r} must be 'auto' or null (pixel space).")
-        if self.text_len is not None and self.text_len < 1:
-            raise ValueError(f"text_len={self.text_len} must be >= 1 (PixArt uses 120).")
-        if self.resolution is not None and self.resolution < 8:
-            raise ValueError(f"resolution={self.resolution} is too small; give the image side in pixels (e.g. 512) or null.")
+        check_common_fields(self, PRESET_NAMES, TEXT_ENCODERS, text_len_example="PixArt uses 120", side_example=512)
 
 
 class DiTBackbone(Backbone):

@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from aptp.backbones.presets import PRESETS
+from aptp.backbones.presets import PRESETS, check_common_fields
 from aptp.core.assets import resolve_asset
 from aptp.core.errors import ConfigError
 from aptp.core.interfaces import Backbone, BackboneModules, Conditioning
@@ -58,16 +58,7 @@ class UNetBackboneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset={self.preset!r} is unknown; use one of {sorted(PRESETS)}.")
-        if self.text_encoder not in TEXT_ENCODERS:
-            raise ValueError(f"text_encoder={self.text_encoder!r} is unknown; use one of {list(TEXT_ENCODERS)}.")
-        if self.vae not in (None, "auto"):
-            raise ValueError(f"vae={self.vae!r} must be 'auto' or null (pixel space).")
-        if self.resolution is not None and self.resolution < 8:
-            raise ValueError(f"resolution={self.resolution} is too small; give the image side in pixels (e.g. 256) or null.")
-        if self.text_len < 1:
-            raise ValueError(f"text_len={self.text_len} must be >= 1 (SD uses 77).")
+        check_common_fields(self, PRESETS, TEXT_ENCODERS, text_len_example="SD uses 77", side_example=256)
 
 
 class UNetBackbone(Backbone):
