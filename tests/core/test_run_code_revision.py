@@ -74,6 +74,7 @@ def test_refusal_of_a_fingerprint_without_code(tmp_path, monkeypatch):
     fp = fingerprint(_config())
     del fp["code"]  # written before the code revision was recorded
     (folder / FINGERPRINT_FILE).write_text(json.dumps(fp))
+    (folder / "phase1.jsonl").write_text("{}\n")  # a result (a folder of metadata alone would be reused)
     assert check_run_folder(folder, _config()) == "same"
     with pytest.raises(ConfigError, match="made by an aptp that recorded no code revision; this is aptp"):
         check_run_folder(folder, _config("seed=3"))
