@@ -240,8 +240,15 @@ def load_denoiser_files(directory: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{directory} holds no {DIFFUSERS_WEIGHTS}, sharded index or {MODULE_WEIGHTS}; "
                                 "it is not a saved denoiser (write one with Backbone.save_denoiser).")
     state: dict[str, torch.Tensor] = {}
+    root = directory.resolve()
     for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        state.update(load_file(str(directory / shard)))
+        path = (directory / str(shard)).resolve()
+        if not path.is_relative_to(root) or path.parent != root:
+            from aptp.core.errors import ConfigError
+
+            raise ConfigError(f"{index} names the shard {shard!r}, which is not a file of {directory}; a saved "
+                              "denoiser's shards sit beside its index (re-save the model).")
+        state.update(load_file(str(path)))
     return state
 
 

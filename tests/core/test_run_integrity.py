@@ -332,3 +332,21 @@ def test_diffusers_before_aptp_imports():
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
 
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/inner.safetensors"])
+def test_a_shard_index_cannot_point_outside_its_folder(tmp_path, shard):
+    from safetensors.torch import save_file
+
+    from aptp.core.interfaces import DIFFUSERS_WEIGHTS, load_denoiser_files
+
+    folder = tmp_path / "expert"
+    (folder / "sub").mkdir(parents=True)
+    for path in (tmp_path / "outside.safetensors", folder / "sub" / "inner.safetensors", folder / "ok.safetensors"):
+        save_file({"w": torch.zeros(1)}, str(path))
+    index = folder / f"{DIFFUSERS_WEIGHTS}.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "ok.safetensors"}}))
+    assert set(load_denoiser_files(folder)) == {"w"}
+    index.write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(ConfigError, match="not a file of"):
+        load_denoiser_files(folder)
