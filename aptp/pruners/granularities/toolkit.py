@@ -103,34 +103,32 @@ def channel_index(keep: torch.Tensor, group_size: int) -> torch.Tensor:
     return (units[:, None] * group_size + offs[None, :]).flatten()
 
 
+def _slice_weight(module: nn.Module, out: torch.Tensor | None, inp: torch.Tensor | None,
+                  out_attr: str, in_attr: str) -> None:
+    """Keep output rows ``out`` (weight dim 0 and the bias) and/or inputs ``inp`` (weight dim 1) of
+    ``module`` in place, updating its ``out_attr`` / ``in_attr`` sizes (weights copied, never re-initialised)."""
+    w = module.weight
+    if out is not None:
+        w = w[out.to(w.device)]
+        if module.bias is not None:
+            module.bias = nn.Parameter(module.bias[out.to(w.device)].clone(), module.bias.requires_grad)
+        setattr(module, out_attr, int(out.numel()))
+    if inp is not None:
+        w = w[:, inp.to(w.device)]
+        setattr(module, in_attr, int(inp.numel()))
+    module.weight = nn.Parameter(w.clone(), module.weight.requires_grad)
+
+
 def slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
     """Keep output ``rows`` and/or input ``cols`` of ``lin`` in place (weights copied, never re-initialised)."""
-    w = lin.weight
-    if rows is not None:
-        w = w[rows.to(w.device)]
-        if lin.bias is not None:
-            lin.bias = nn.Parameter(lin.bias[rows.to(w.device)].clone(), lin.bias.requires_grad)
-        lin.out_features = int(rows.numel())
-    if cols is not None:
-        w = w[:, cols.to(w.device)]
-        lin.in_features = int(cols.numel())
-    lin.weight = nn.Parameter(w.clone(), lin.weight.requires_grad)
+    _slice_weight(lin, rows, cols, "out_features", "in_features")
 
 
 def slice_conv(conv: nn.Conv2d, out: torch.Tensor | None = None, inp: torch.Tensor | None = None) -> None:
     """Keep output channels ``out`` and/or input channels ``inp`` of ``conv`` in place (groups == 1)."""
     if conv.groups != 1:
         raise ValueError(f"cannot slice grouped convolution {conv} (groups={conv.groups}); only groups=1 is supported.")
-    w = conv.weight
-    if out is not None:
-        w = w[out.to(w.device)]
-        if conv.bias is not None:
-            conv.bias = nn.Parameter(conv.bias[out.to(w.device)].clone(), conv.bias.requires_grad)
-        conv.out_channels = int(out.numel())
-    if inp is not None:
-        w = w[:, inp.to(w.device)]
-        conv.in_channels = int(inp.numel())
-    conv.weight = nn.Parameter(w.clone(), conv.weight.requires_grad)
+    _slice_weight(conv, out, inp, "out_channels", "in_channels")
 
 
 def dummy_inputs(conditioning: Conditioning, batch: int = 1, device: str | torch.device = "cpu",
