@@ -4,6 +4,12 @@ An *architecture* is a vector over the unit space, shape (U,) or batched (..., U
 unit is kept (soft values in [0, 1] while training). Width units inside a block that a depth unit
 can drop name that depth unit as ``parent``: dropping the block drops them too, and the resource
 model counts them only while their parent is kept.
+
+A width group may have a *minimum kept width* (``UnitGroup.min_kept``, set by a granularity's
+``min_kept_channels`` / ``min_kept_heads``): an architecture keeping fewer than ``min_kept`` of its
+units keeps none of them (the block's width path is removed). :meth:`UnitSpace.normalise` applies
+the rule; the resource counts (``kept_macs``, ``kept_params``), the latency models, the gates and the
+cut all read architectures through it, so raw architectures stay valid everywhere.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class UnitGroup:
     unit_paths: tuple[str, ...] = ()  # depth groups only: the block of each unit (see is_depth)
     unit_macs: tuple[float, ...] = ()  # optional: per-unit MACs where units differ (overrides)
     unit_params: tuple[int, ...] = ()  # optional: per-unit parameters where units differ
+    min_kept: int = 0  # width groups: fewer kept units than this keep none (0, 1: no effect)
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -41,6 +48,18 @@ class UnitGroup:
         ``unit_paths``; the unit space (nesting, budgets, latency) and the router's monotone depth
         gates (:class:`aptp.routers.predictor.RawLayout`) read it here, whatever the kind's name."""
         return bool(self.unit_paths)
+
+    def normalise(self, gates: torch.Tensor) -> torch.Tensor:
+        """Gates (..., n) of this group with the minimum kept width applied: rows keeping fewer than
+        ``min_kept`` units (counted as the sum of the gates) become zero. Forward values are exact
+        (0/1 gates stay 0/1); the gradient is the identity (straight-through), so a row held below
+        the minimum still learns what its units are worth."""
+        if self.min_kept <= 1 or self.is_depth:
+            return gates
+        keep = gates.detach().to(torch.float64).sum(-1, keepdim=True) >= self.min_kept - 1e-6  # (..., 1) bool
+        if not gates.is_floating_point():  # a bool / int keep mask (the cut)
+            return gates * keep.to(gates.dtype)
+        return torch.where(keep, gates, gates - gates.detach())
 
     def macs_of_units(self) -> list[float]:
         return list(self.unit_macs) if self.unit_macs else [float(self.macs_per_unit)] * self.num_units
@@ -92,6 +111,18 @@ class UnitSpace:
                 m[self.group_slice(i)] = True
         return m
 
+    @property
+    def has_min_kept(self) -> bool:
+        return any(g.min_kept > 1 and not g.is_depth for g in self.groups)
+
+    def normalise(self, arch: torch.Tensor) -> torch.Tensor:
+        """``arch`` (..., U) with every width group's minimum kept width applied
+        (:meth:`UnitGroup.normalise`): what the cut model keeps. ``arch`` itself when no group has one."""
+        self.check(arch)
+        if not self.has_min_kept:
+            return arch
+        return torch.cat([g.normalise(arch[..., self.group_slice(i)]) for i, g in enumerate(self.groups)], dim=-1)
+
     def check(self, arch: torch.Tensor, name: str = "architecture") -> None:
         if arch.shape[-1:] != (self.size,):
             raise ShapeError(
@@ -131,8 +162,7 @@ class UnitSpace:
 
     def _kept(self, arch: torch.Tensor, per_unit: torch.Tensor, fixed: float) -> torch.Tensor:
         """Float64 sums (a float32 sum of SD2.1's 866 M parameters is off by tens); differentiable."""
-        self.check(arch)
-        a = arch.to(torch.float64)
+        a = self.normalise(arch.to(torch.float64))
         per_unit = per_unit.to(device=a.device, dtype=a.dtype)
         parent = self._parent_index.to(a.device)
         has_parent = parent >= 0
@@ -162,6 +192,8 @@ class UnitSpace:
     def fingerprint(self) -> str:
         """Short hash of the layout (kinds, paths, unit counts): equal spaces, equal fingerprints."""
         layout = [(g.kind, g.path, g.num_units, g.parent, list(g.unit_paths)) for g in self.groups]
+        if self.has_min_kept:  # the same units cut differently: another space (unchanged hash without)
+            layout.append(["min_kept", [g.min_kept for g in self.groups]])
         return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
     def require_same(self, other_fingerprint: str, what: str) -> None:

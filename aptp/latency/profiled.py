@@ -18,6 +18,7 @@ denoiser at the configured device, dtype and batch, at the unit space's resoluti
 Prediction for an architecture ``a`` (..., U), differentiable in ``a``::
 
     k_g  = sum of g's gates                                   # (...) kept units, soft while training
+                                                              # (0 below the group's min_kept)
     f_g  = piecewise linear interpolation of the table at k_g # monotone in k_g (cumulative max)
     P(a) = r + sum_{g outside depth units} f_g
              + sum_d [ a_d (c_d + sum_{g in d} f_g) + (1 - a_d) b_d ]
@@ -168,12 +169,13 @@ class _Root(nn.Module):
 
 def cut_copy(module: nn.Module, granularity: Granularity, group: UnitGroup, keep: torch.Tensor) -> nn.Module:
     """A copy of ``module`` (the module of ``group``, or the block of a one-unit depth group) cut
-    by ``granularity`` to ``keep`` (n,) bool."""
+    by ``granularity`` to ``keep`` (n,) bool (exactly: a width group's minimum kept width is not
+    applied here, so the table measures every width; the prediction applies it)."""
     root = _Root(copy.deepcopy(module))
     if group.is_depth:
         local = dataclasses.replace(group, num_units=1, unit_paths=("m",), unit_macs=(), unit_params=(), parent=None)
     else:
-        local = dataclasses.replace(group, path="m", parent=None)
+        local = dataclasses.replace(group, path="m", parent=None, min_kept=0)  # the width as asked
     granularity.cut(root, local, keep)
     return root.m
 
@@ -407,7 +409,7 @@ class ProfiledLatency(LatencyModel):
     def _additive(self, arch: torch.Tensor) -> torch.Tensor:
         """The sum of the measured parts (..., U) -> (...) ms, before calibration."""
         space, table = self.space, self.table
-        a = arch.to(torch.float64)
+        a = space.normalise(arch.to(torch.float64))  # minimum kept widths: what the cut keeps
         total = torch.full(a.shape[:-1], table.rest_ms, dtype=torch.float64, device=a.device)
         in_block: dict[str, torch.Tensor] = {}
         for i, grp in enumerate(space.groups):

@@ -20,6 +20,9 @@ softmax temperature).
 * MACs per head: ``(MACs(producers) + MACs(consumers) + 2 N M h d) / h`` with N the query length and
   M the key length (the text length for cross-attention, image + text tokens for joint attention);
   a fused ``proj_out`` counts for the share of its input columns that the heads own.
+
+With ``min_kept_heads`` an architecture keeping fewer heads than that in an attention keeps none
+(``UnitGroup.min_kept``, applied by the gate, the cut and the MACs / parameter / latency counts).
 """
 
 from __future__ import annotations
@@ -50,10 +53,13 @@ class AttentionHeadsConfig:
     two-stream attentions)."""
 
     which: str = "both"
+    min_kept_heads: int = 0  # an attention keeping fewer heads keeps none (0: no minimum)
 
     def __post_init__(self) -> None:
         if self.which not in ("both", "self", "cross", "joint"):
             raise ValueError(f"which={self.which!r} is not one of 'both', 'self', 'cross', 'joint'; pick one of them.")
+        if self.min_kept_heads < 0:
+            raise ValueError(f"min_kept_heads={self.min_kept_heads} must be >= 0 (0: no minimum).")
 
 
 def _attentions(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -143,7 +149,7 @@ class AttentionHeads(Granularity):
             params = sum(d * (lin.in_features + (1 if lin.bias is not None else 0)) for lin in lay.producers)
             params += sum(d * lin.out_features for lin, _ in lay.consumers)
             rec = tr.records.get(path)
-            groups.append(UnitGroup(self.kind, path, h, macs / h, params,
+            groups.append(UnitGroup(self.kind, path, h, macs / h, params, min_kept=self.config.min_kept_heads,
                                     meta={"attention": lay.attention, "head_dim": d,
                                           "key_len": rec.key_len if rec else 0}))
         return groups
@@ -178,6 +184,7 @@ class AttentionHeads(Granularity):
                 g = gates()  # (B_g, h) or None
                 if g is None:
                     return None
+                g = group.normalise(g)  # the minimum kept heads, as the cut applies it
                 x = args[0]  # (B, N, h d); a fused proj_out: (B, N, h d + F)
                 cg = units_to_channels(expand_gates(g, x.shape[0], group.path), d)  # (B, h d)
                 return (_scale_columns(x, cg, offset), *args[1:])
@@ -190,7 +197,7 @@ class AttentionHeads(Granularity):
         a = get_module(denoiser, group.path)
         lay = _heads(denoiser, group.path, a)
         d, hd = lay.head_dim, a.heads * lay.head_dim
-        keep = keep.to(torch.bool)
+        keep = group.normalise(keep.to(torch.bool))  # fewer than min_kept heads: none
         idx = channel_index(keep, d)  # (k d,)
         for lin, off in lay.consumers:
             if not _own_output(a, lin):  # a fused block proj_out: the cut heads' columns go, the others stay

@@ -9,6 +9,12 @@ is a contiguous run of ``s = F / n`` inner channels (``n = num_units``, 32 as in
   linears: ``net[2]`` of an empty input is its bias, exactly the gated value);
 * MACs per unit: ``(MACs(proj) + MACs(net[2])) / n``.
 
+Hardware-aligned units (``channels_per_unit``, an option; 0, the default, keeps ``num_units``): a
+unit is ``s`` inner channels, the smallest multiple of ``channels_per_unit`` that divides ``F`` (the
+whole FFN when none does), so ``n = F / s`` units; a cut then always keeps a multiple of ``s``
+channels. With ``min_kept_channels`` an architecture keeping fewer inner channels than that keeps
+none (``UnitGroup.min_kept``, applied by the gate, the cut and the MACs / parameter / latency counts).
+
 FLUX's single blocks (``FluxSingleTransformerBlock``) run their MLP in parallel with attention:
 ``proj_out(cat([attn (B, N, h d), act(proj_mlp(x)) (B, N, F)]))``. Their MLP is the same kind of unit
 (group path = the block): ``proj_mlp`` rows and the last ``F`` input columns of the fused ``proj_out``
@@ -37,13 +43,23 @@ from aptp.pruners.granularities.toolkit import (
 
 @dataclass
 class FFNConfig:
-    """num_units: groups per feed-forward (must divide its inner width)."""
+    """num_units: groups per feed-forward (must divide its inner width); channels_per_unit: 0 (the
+    default, the paper's) = ``num_units`` groups; ``n > 0`` = units of the smallest multiple of ``n``
+    inner channels dividing the width (e.g. 16 for a CPU's vector width; overrides num_units);
+    min_kept_channels: a feed-forward keeping fewer inner channels keeps none (0: no minimum)."""
 
     num_units: int = 32
+    channels_per_unit: int = 0
+    min_kept_channels: int = 0
 
     def __post_init__(self) -> None:
         if self.num_units < 1:
             raise ValueError(f"num_units={self.num_units} must be >= 1 (the paper uses 32 groups per FFN).")
+        if self.channels_per_unit < 0:
+            raise ValueError(f"channels_per_unit={self.channels_per_unit} must be >= 0 (0: num_units groups per "
+                             "FFN; e.g. 16 for units aligned to 16 channels).")
+        if self.min_kept_channels < 0:
+            raise ValueError(f"min_kept_channels={self.min_kept_channels} must be >= 0 (0: no minimum).")
 
 
 def _is_fused_mlp(m: nn.Module) -> bool:
@@ -78,6 +94,9 @@ class FFN(Granularity):
     order = 2
 
     def _units(self, f: int, path: str) -> int:
+        if self.config.channels_per_unit > 0:  # the smallest multiple of channels_per_unit dividing f
+            step = self.config.channels_per_unit
+            return f // next((m for m in range(step, f + 1, step) if f % m == 0), f)
         n = min(self.config.num_units, f)
         if f % n:
             raise ValueError(
@@ -96,6 +115,7 @@ class FFN(Granularity):
             macs = tr.macs(f"{path}.{rel[id(proj)]}") + tr.macs(f"{path}.{rel[id(out)]}") * f / out.in_features
             params = s * k * (proj.in_features + (1 if proj.bias is not None else 0)) + s * out.out_features
             groups.append(UnitGroup(self.kind, path, n, macs / n, params,
+                                    min_kept=-(-self.config.min_kept_channels // s),
                                     meta={"channels_per_unit": s, "halves": k}))
         return groups
 
@@ -122,6 +142,7 @@ class FFN(Granularity):
             g = gates()  # (B_g, n) or None
             if g is None:
                 return None
+            g = group.normalise(g)  # the minimum kept width, as the cut applies it
             x = args[0]  # (B, N, F); a fused proj_out: (B, N, h d + F)
             cg = units_to_channels(expand_gates(g, x.shape[0], group.path), s)  # (B, F)
             cg = cg.to(device=x.device, dtype=x.dtype).unsqueeze(1)  # (B, 1, F)
@@ -134,6 +155,7 @@ class FFN(Granularity):
     def cut(self, denoiser: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
         ff = get_module(denoiser, group.path)
         proj, out, f, k, off = _layout(ff)
+        keep = group.normalise(keep.to(torch.bool))  # fewer than min_kept units: none
         idx = channel_index(keep, f // group.num_units)  # (kept channels,)
         slice_linear(proj, rows=torch.cat([idx + h * f for h in range(k)]))
         slice_linear(out, cols=torch.cat([torch.arange(off), off + idx]) if off else idx)

@@ -17,6 +17,10 @@ run of whole groups aligned to that many channels (a hardware-friendly width, se
   ``time_emb_proj`` rows (+ bias, every half); ``norm1``, ``conv2``'s bias and ``conv_shortcut``
   belong to the block (fixed, or its depth unit);
 * MACs per unit: ``(MACs(conv1) + MACs(time_emb_proj) + MACs(conv2)) / G`` (all linear in C).
+
+With ``min_kept_channels`` an architecture keeping fewer channels than that in a block keeps none
+(``UnitGroup.min_kept``, applied by the gate, the cut and the MACs / parameter / latency counts): the
+block becomes the residual bypass instead of a few-channel branch whose fixed cost stays.
 """
 
 from __future__ import annotations
@@ -51,11 +55,15 @@ class ResnetChannelsConfig:
     the whole block, one unit)."""
 
     channels_per_unit: int = 0
+    min_kept_channels: int = 0  # a block keeping fewer inner channels keeps none (0: no minimum)
 
     def __post_init__(self) -> None:
         if self.channels_per_unit < 0:
             raise ValueError(f"channels_per_unit={self.channels_per_unit} must be >= 0 (0: one GroupNorm group "
                              "per unit; e.g. 16 for units aligned to 16 channels).")
+        if self.min_kept_channels < 0:
+            raise ValueError(f"min_kept_channels={self.min_kept_channels} must be >= 0 (0: no minimum; e.g. 16: "
+                             "a block keeping fewer channels becomes its residual bypass).")
 
 
 def unit_width(c: int, groups: int, channels_per_unit: int) -> int:
@@ -97,6 +105,7 @@ class ResnetChannels(Granularity):
                 halves = r.time_emb_proj.out_features // c
                 params += s * halves * (r.time_emb_proj.in_features + (1 if r.time_emb_proj.bias is not None else 0))
             groups.append(UnitGroup(self.kind, path, n, macs / n, params,
+                                    min_kept=-(-self.config.min_kept_channels // s),
                                     meta={"channels_per_unit": s}))
         return groups
 
@@ -124,6 +133,7 @@ class ResnetChannels(Granularity):
             g = gates()  # (B_g, G) or None
             if g is None:
                 return None
+            g = group.normalise(g)  # the minimum kept width, as the cut applies it
             x = args[0]  # (B, C, H, W)
             cg = units_to_channels(expand_gates(g, x.shape[0], group.path), s)  # (B, C)
             return (x * cg.to(device=x.device, dtype=x.dtype)[:, :, None, None], *args[1:])
@@ -134,7 +144,7 @@ class ResnetChannels(Granularity):
         r = get_module(denoiser, group.path)
         c = r.conv1.out_channels
         s = c // group.num_units
-        keep = keep.to(torch.bool)
+        keep = group.normalise(keep.to(torch.bool))  # fewer than min_kept units: none
         if not bool(keep.any()):  # the branch is gone; conv2 of zeros is its bias
             set_module(denoiser, group.path,
                        ResidualBypass(r.conv_shortcut, r.output_scale_factor, r.conv2.bias, norm1=r.norm1))
