@@ -2,7 +2,7 @@
 
     pruner:
       resource: latency             # target_ratio is a fraction of the dense model's latency
-      target_ratio: 0.6
+      target_ratio: 0.6             # or target_ms: 15.0 (ms; converted with the model's dense latency)
       latency_model: {name: profiled, device: cpu, batch_size: 1}   # a registered latency model
 
 * APTP: the resource loss ``|log(mean r / p)|`` and the spread terms take ``r`` from
@@ -30,11 +30,18 @@ RESOURCES = ("macs", "latency")
 DEFAULT_LATENCY_MODEL = "profiled"
 
 
-def check_resource(resource: str, latency_model: Any = None) -> str:
-    """``resource`` if it is one the pruners budget, else a ValueError saying which exist."""
+def check_resource(resource: str, latency_model: Any = None, target_ms: float | None = None) -> str:
+    """``resource`` if it is one the pruners budget, else a ValueError saying which exist; and
+    ``target_ms`` (a latency target in milliseconds) only with ``resource: latency``."""
     if resource not in RESOURCES:
         raise ValueError(f"resource={resource!r} must be 'macs' or 'latency' (a fraction of the dense "
                          "model's measured latency, see latency_model).")
+    if target_ms is not None:
+        if resource != "latency":
+            raise ValueError(f"target_ms={target_ms} needs resource: latency (and a latency_model to convert it); "
+                             f"with resource: {resource} give target_ratio instead.")
+        if not target_ms > 0:
+            raise ValueError(f"target_ms={target_ms} must be > 0 (milliseconds per denoiser call).")
     if latency_model is not None:
         if not isinstance(latency_model, Mapping) or not isinstance(latency_model.get("name"), str):
             raise ValueError(f"latency_model={latency_model!r} must be a mapping with a 'name' (a registered "
@@ -82,6 +89,23 @@ def resource_ratio(resource: str, latency_model: Mapping[str, Any] | None, ctx) 
     if check_resource(resource, latency_model) == "macs":
         return ctx.unit_space.macs_ratio
     return fit_latency_model(latency_model, ctx).latency_ratio
+
+
+def resolve_target_ratio(config: Any, latency: Any = None) -> float:
+    """The ratio target of a pruner ``config``: its ``target_ratio``, or, when it gives ``target_ms``,
+    ``target_ms`` over the fitted latency model's dense prediction (``latency``: the model or its
+    ``latency_ratio``, as :func:`resource_ratio` returns it). A ConfigError when that exceeds 1."""
+    ms = getattr(config, "target_ms", None)
+    if ms is None:
+        return float(config.target_ratio)
+    model = getattr(latency, "__self__", latency)
+    if not isinstance(model, LatencyModel):
+        raise ConfigError(f"target_ms={ms} needs resource: latency and a fitted latency model to convert it.")
+    ratio = float(ms) / model.dense_ms
+    if ratio > 1.0:
+        raise ConfigError(f"target_ms={ms} is above the dense model's predicted latency ({model.dense_ms:.3f} ms): "
+                          "nothing to prune; give a smaller target_ms.")
+    return ratio
 
 
 def latency_budget(assign: Callable[[UnitSpace, float], torch.Tensor], space: UnitSpace, target: float,

@@ -49,7 +49,7 @@ from aptp.core.errors import reading
 from aptp.core.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aptp.core.rundir import open_run
 from aptp.core.interfaces import LearnedRouter, Pruner
-from aptp.latency.resource import check_resource, resource_ratio
+from aptp.latency.resource import check_resource, resolve_target_ratio, resource_ratio
 from aptp.pruners import objectives as O
 from aptp.pruners.training import (
     DataConfig,
@@ -148,6 +148,7 @@ class AptpPrunerConfig:
     # latency_model (aptp.latency.resource), measured on the hardware that model names
     resource: str = "macs"
     latency_model: Optional[dict[str, Any]] = None  # {name: <registered latency model>, ...}; None: profiled
+    target_ms: Optional[float] = None  # resource: latency only: a target in ms, replaces target_ratio
     # "uniform" (the paper): one resource target, on the batch mean. "sensitivity" (an option, issue 15):
     # at the first post-warm-up step, measure how much each code's prompts suffer from pruning and give
     # each code its own target p_k (|p_k - target_ratio| <= code_budget_spread, load-weighted mean =
@@ -166,7 +167,7 @@ class AptpPrunerConfig:
             raise ValueError(f"code_budget_samples={self.code_budget_samples} must be >= 1 (e.g. 256).")
         if not 0.0 < self.target_ratio <= 1.0:
             raise ValueError(f"target_ratio={self.target_ratio} must be in (0, 1] (the paper: 0.6 to 0.85).")
-        check_resource(self.resource, self.latency_model)
+        check_resource(self.resource, self.latency_model, self.target_ms)
         if self.steps < 0 or not 0 <= self.warmup_steps:
             raise ValueError(f"steps={self.steps} and warmup_steps={self.warmup_steps} must be >= 0.")
         if self.warmup_steps > self.steps:
@@ -248,6 +249,7 @@ class AptpPruner(Pruner):
         w = c.weights
         last: dict[str, float] = {}
         ratio_of = resource_ratio(c.resource, c.latency_model, ctx)  # (..., U) -> (...): kept MACs or latency
+        c.target_ratio = resolve_target_ratio(c, ratio_of)  # target_ms / the dense model's predicted ms
         for step in bar:
             idx = global_batch_indices(len(ctx.dataset), c.batch_size, ctx.seed, step)  # (B,) dataset rows
             batch = ctx.batch(idx, step)

@@ -14,7 +14,7 @@ import torch
 from aptp.core import values
 from aptp.core.interfaces import AssignmentContext, LearnedRouter, Pruner
 from aptp.core.rundir import open_run
-from aptp.latency.resource import check_resource, fit_latency_model, latency_budget
+from aptp.latency.resource import check_resource, fit_latency_model, latency_budget, resolve_target_ratio
 from aptp.pruners.aptp import Phase2Config
 from aptp.pruners.training import DataConfig, TrainContext, check_cut_backend
 from aptp.routers._checks import check_enough_prompts
@@ -58,11 +58,12 @@ class StaticPrunerConfig:
     # latency predicted by latency_model (aptp.latency.resource.latency_budget searches the budget)
     resource: str = "macs"
     latency_model: Optional[dict[str, Any]] = None  # {name: <registered latency model>, ...}; None: profiled
+    target_ms: Optional[float] = None  # resource: latency only: a target in ms, replaces target_ratio
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_ratio <= 1.0:
             raise ValueError(f"target_ratio={self.target_ratio} must be in (0, 1].")
-        check_resource(self.resource, self.latency_model)
+        check_resource(self.resource, self.latency_model, self.target_ms)
         values.non_negative("min_snr_gamma", self.min_snr_gamma, "(e.g. 5; 0 switches Min-SNR weighting off)")
         check_cut_backend(self.cut_backend)
 
@@ -100,6 +101,7 @@ class StaticPruner(Pruner):
                 ))
 
             latency = fit_latency_model(c.latency_model, ctx) if c.resource == "latency" else None
+            c.target_ratio = resolve_target_ratio(c, latency)  # target_ms / the dense model's predicted ms
             archs = (assign(ctx.unit_space, c.target_ratio) if latency is None
                      else latency_budget(assign, ctx.unit_space, c.target_ratio, latency))  # (K, U)
             losses = {}

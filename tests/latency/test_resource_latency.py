@@ -54,3 +54,46 @@ def test_unknown_resource_and_bad_latency_model_are_refused(tmp_path):
         run_experiment(tmp_path, ["pruner.resource=flops"])
     with pytest.raises(ConfigError, match="mapping with a 'name'"):
         run_experiment(tmp_path, ["pruner.resource=latency", "pruner.latency_model={buckets: 2}"])
+
+
+def _dense_ms(message: str) -> float:
+    """The dense model's predicted ms, read from the refusal of a target above it."""
+    import re
+
+    return float(re.search(r"predicted latency \(([0-9.]+) ms\)", message).group(1))
+
+
+def test_static_target_in_milliseconds(tmp_path, fake_clock):
+    """``target_ms`` is converted with the latency model's dense prediction: a target above the dense
+    model is refused in one line (naming its ms), 0.6 x that ms prunes to a latency ratio <= 0.6."""
+    static = ["pruner=static", "router=single", "assignment=magnitude", "pruner.finetune.steps=0",
+              "pruner.data.num_samples=8"]
+    with pytest.raises(ConfigError, match="above the dense model's predicted latency") as err:
+        run_experiment(tmp_path / "above", [*static, *fake_clock, "pruner.target_ms=1e9"])
+    dense = _dense_ms(str(err.value))
+    assert "\n" not in str(err.value) and dense > 0
+    _, summary = run_experiment(tmp_path / "ms", [*static, *fake_clock, f"pruner.target_ms={0.6 * dense}"])
+    (lat,) = summary["expert_latency_ratios"]
+    assert 0.55 <= lat <= 0.6 + 1e-9, lat
+
+
+def test_aptp_target_in_milliseconds_runs(tmp_path, fake_clock):
+    overrides = ["router.num_experts=2", "pruner.steps=4", "pruner.warmup_steps=2", "pruner.batch_size=4",
+                 "pruner.log_every=1", "pruner.checkpoint_every=1000", "pruner.phase2.steps=0",
+                 "pruner.data.num_samples=8"]
+    with pytest.raises(ConfigError, match="above the dense model's predicted latency") as err:
+        run_experiment(tmp_path / "above", [*overrides, *fake_clock, "pruner.target_ms=1e9"])
+    target = 0.5 * _dense_ms(str(err.value))
+    composition, summary = run_experiment(tmp_path / "ms", [*overrides, *fake_clock, f"pruner.target_ms={target}"])
+    assert composition.pruner.config.target_ratio == pytest.approx(0.5, rel=1e-3)  # what the resource loss used
+    assert len(summary["expert_latency_ratios"]) == 2
+
+
+@pytest.mark.parametrize("pruner", ["aptp", "static"])
+def test_target_ms_needs_resource_latency(tmp_path, pruner):
+    base = [] if pruner == "aptp" else ["pruner=static", "router=single", "assignment=magnitude"]
+    with pytest.raises(ConfigError, match="target_ms=12.0 needs resource: latency") as err:
+        run_experiment(tmp_path, [*base, "pruner.target_ms=12.0"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="target_ms=-1.0 must be > 0"):
+        run_experiment(tmp_path, [*base, "pruner.resource=latency", "pruner.target_ms=-1.0"])
