@@ -97,7 +97,7 @@ def eval_prompts(cfg: EvalConfig, resolution: int) -> EvalPrompts:
         return EvalPrompts(read_prompts(cfg.prompts_file)[: cfg.num_prompts], None, None, None)
     import numpy as np
 
-    from aptp.data.world import World, WorldConfig
+    from aptp.world.data import World, WorldConfig
 
     world = World(WorldConfig(image_size=resolution))
     kinds = [k for k, _ in world.config.kind_weights()]

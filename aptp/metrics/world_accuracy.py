@@ -1,7 +1,7 @@
 """``world_accuracy``: attribute accuracy of generated images of the embedded world (the world's
 analogue of CLIP score), higher is better.
 
-Each prompt is parsed back into the :class:`~aptp.data.world.Scene` it states
+Each prompt is parsed back into the :class:`~aptp.world.data.Scene` it states
 (:func:`parse_world_caption`, the inverse of the world's caption grammar), each image is read by
 the world's attribute evaluator (:func:`aptp.world.evaluator.score_images`) and checked against
 that scene; the metric is the fraction of images where ``attribute`` is right (default ``"all"``:
@@ -30,7 +30,7 @@ ATTRIBUTES = ("colour", "shape", "size", "position", "glyph", "relation", "count
 # ------------------------------------------------------------------------------- caption parsing
 @functools.lru_cache(maxsize=1)
 def _grammar() -> dict[str, Any]:
-    from aptp.data.world import COLOURS, GLYPHS, POSITION_PHRASES, RELATIONS, SHAPES, SIZES
+    from aptp.world.data import COLOURS, GLYPHS, POSITION_PHRASES, RELATIONS, SHAPES, SIZES
 
     alt = lambda words: "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # noqa: E731
     shape_np = rf"a (?:(?P<size>{alt(SIZES)}) )?(?P<colour>{alt(COLOURS)}) (?P<shape>{alt(SHAPES)})"
@@ -46,7 +46,7 @@ def _grammar() -> dict[str, Any]:
 
 
 def _object(phrase: str, position: str | None, caption: str) -> Any:
-    from aptp.data.world import LETTER, POSITION_CENTRES, SIZES, WorldObject
+    from aptp.world.data import LETTER, POSITION_CENTRES, SIZES, WorldObject
 
     m = _grammar()["np"].match(phrase)
     if m is None:
@@ -69,12 +69,12 @@ def _with_position(part: str, caption: str) -> tuple[str, str | None]:
 
 
 def parse_world_caption(caption: str) -> Any:
-    """The :class:`~aptp.data.world.Scene` a world caption states (what the evaluator checks):
+    """The :class:`~aptp.world.data.Scene` a world caption states (what the evaluator checks):
     shapes, colours, stated sizes and slots, letters, the relation. Unstated slots are filled with
     free ones (they are never checked). A one-object caption gets the kind of the default graded world
     that reads so (``plain``, ``placed``, ``glyph``; else ``single`` / ``text``). Raises ValueError on a
     caption outside the world grammar."""
-    from aptp.data.world import LETTER, POSITION_CENTRES, POSITIONS, Relation, Scene
+    from aptp.world.data import LETTER, POSITION_CENTRES, POSITIONS, Relation, Scene
 
     g = _grammar()
     parts = caption.strip().split(" and ")

@@ -53,7 +53,7 @@ def load_dataset(cfg: DataConfig, resolution: int):
     from aptp.data import captions as C
 
     if cfg.source == "world":
-        from aptp.data.world import World, WorldConfig, WorldDataset
+        from aptp.world.data import World, WorldConfig, WorldDataset
 
         world = World(WorldConfig(image_size=resolution))
         return _Renamed(WorldDataset(world, length=cfg.num_samples or 2048, seed=cfg.seed))

@@ -1,6 +1,6 @@
 """The embedded default world: procedural captioned images, a small pretrained base model, an evaluator.
 
-- `aptp.data.world`: `World(WorldConfig()).sample(n, seed) -> list[Sample(image, caption, scene,
+- `aptp.world.data`: `World(WorldConfig()).sample(n, seed) -> list[Sample(image, caption, scene,
   difficulty)]`, `Scene` / `WorldObject` ground truth, `WorldDataset` (torch map-style dataset).
 - `aptp.world.model`: the base UNet config (`build_unet`), scheduler (`build_scheduler`), the frozen
   MiniLM `TextEncoder`, `load_base(dir)` and `sample_images(unet, prompts, ...)` (DDIM, optional CFG).

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from aptp.data.world import GRADED_KINDS, World, WorldConfig, image_grid
+from aptp.world.data import GRADED_KINDS, World, WorldConfig, image_grid
 from aptp.world.evaluator import attribute_accuracy, frechet_distance, load_evaluator, mmd, score_images
 from aptp.world.model import DEFAULT_BASE_DIR, load_base, sample_images, to_pil
 

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from aptp.data.world import COLOURS, GLYPHS, LETTER, POSITION_CENTRES, POSITIONS, SHAPES, SIZES, Scene, relation_holds
+from aptp.world.data import COLOURS, GLYPHS, LETTER, POSITION_CENTRES, POSITIONS, SHAPES, SIZES, Scene, relation_holds
 
 __all__ = [
     "COLOUR_CLASSES",
@@ -289,7 +289,7 @@ def robustness_report(evaluator: Evaluator, n: int = 500, seed: int = 55_555) ->
     """Attribute accuracy on clean and degraded (noise / blur) renders of a held-out world seed."""
     import torch.nn.functional as F
 
-    from aptp.data.world import World, WorldConfig
+    from aptp.world.data import World, WorldConfig
 
     def blur(x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aptp.data.world import World, WorldConfig
+from aptp.world.data import World, WorldConfig
 from aptp.world.model import MAX_TOKENS, TextEncoder, build_unet, scheduler_config
 
 CKPT_NAME = "latest.pt"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aptp.data.world import EVERY_KIND_MIX, World, WorldConfig
+from aptp.world.data import EVERY_KIND_MIX, World, WorldConfig
 from aptp.world.evaluator import Evaluator, attribute_accuracy, images_to_tensor, scene_targets, score_images
 
 HELD_OUT_SEED = 777_777

@@ -10,7 +10,7 @@ import pytest
 import torch
 from metrics_helpers import rand_images
 
-from aptp.data.world import EVERY_KIND_MIX, World, WorldConfig
+from aptp.world.data import EVERY_KIND_MIX, World, WorldConfig
 from aptp.metrics._common import MissingWeightsError
 from aptp.metrics.frechet import frechet_distance_features
 from aptp.metrics.mmd import mmd

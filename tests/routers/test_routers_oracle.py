@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from aptp.core.errors import ConfigError
-from aptp.data.world import World
+from aptp.world.data import World
 from aptp.pruners.aptp import expert_steps
 from aptp.routers.keyword import KeywordRouter, KeywordRouterConfig
 from aptp.routers.random_partition import RandomPartitionRouter, RandomPartitionRouterConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from aptp.data.world import World, WorldConfig
+from aptp.world.data import World, WorldConfig
 from aptp.world.evaluator import attribute_accuracy, load_evaluator, score_images
 from aptp.world.model import (
     TextEncoder,

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from aptp.data.world import EVERY_KIND_MIX, World, WorldConfig, single_object_scene
+from aptp.world.data import EVERY_KIND_MIX, World, WorldConfig, single_object_scene
 from aptp.world.evaluator import (
     COLOUR_CLASSES,
     DEFAULT_EVALUATOR_DIR,

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aptp.data.world import (
+from aptp.world.data import (
     COLOURS,
     CONFUSABLE_GLYPHS,
     EVERY_KIND_MIX,
@@ -162,7 +162,7 @@ def test_graded_kinds_state_what_they_draw() -> None:
 
 def test_glyphs_are_drawn_large_enough_to_tell_apart() -> None:
     """Every confusable glyph covers many pixels, and any two glyphs differ in many pixels."""
-    from aptp.data.world import GLYPH_RADIUS, WorldObject, Scene
+    from aptp.world.data import GLYPH_RADIUS, WorldObject, Scene
 
     w = World(WorldConfig(colour_jitter=0))
     masks = {}
