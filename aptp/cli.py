@@ -67,7 +67,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for cell in cfg.cells:
         check_name(cell, f"{args.comparison}: cell name")
     out = Path(args.output_dir or cfg.output_dir)
-    result = compare(cfg.base, cfg.cells, cfg.eval, out, seeds=cfg.seeds, grid=cfg.grid_spec())
+    result = compare(cfg.base, cfg.cells, cfg.eval, out, seeds=cfg.seeds, grid=cfg.grid_spec(),
+                     reuse_evaluations=args.reuse_evaluations)
     print(f"report: {result['report']}")
     if "ablation" in result:
         print(f"ablation: {result['ablation']}")
@@ -163,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(training seeds), or CELL.KEY=VALUE for one cell "
                    "(e.g. aptp.pruner.steps=50)")
     p.add_argument("--output-dir", metavar="DIR", help="default: the comparison's output_dir (runs/<name>)")
+    p.add_argument("--reuse-evaluations", action="store_true",
+                   help="reuse a cell's evaluation (quality figures and per-prompt rows) from the output folder's "
+                   "previous results.json and per_prompt.jsonl instead of generating its images again, when the eval "
+                   "config is the same apart from the latency settings, the cell's summary is unchanged (not "
+                   "retrained), and dense, always evaluated again, reproduces its previous per-prompt rows exactly "
+                   "(else every cell is evaluated again). Latency is always measured again for every model; reused "
+                   "cells get no image grids and are listed in results.json ('reused') and report.md")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser(

@@ -261,12 +261,19 @@ def run_cell(base: str | Path, overrides: Sequence[str], out: Path) -> dict[str,
 
 def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfig, out_dir: str | Path,
             progress: bool = True, seeds: Sequence[int] = (),
-            grid: Mapping[str, Any] | None = None) -> dict[str, Any]:
+            grid: Mapping[str, Any] | None = None, reuse_evaluations: bool = False) -> dict[str, Any]:
     """Run every cell (once per training seed in ``seeds``; none: the experiment's own seed),
     evaluate dense + every cell with the paired protocol, time them interleaved, and write
     ``results.json``, ``per_prompt.jsonl`` and ``report.md``. With ``grid`` (:func:`grid_spec`) the
     cells it names form an ablation grid and the others are its baselines: ``ablation.md`` and its
-    figures are written too (:mod:`aptp.ablation`)."""
+    figures are written too (:mod:`aptp.ablation`).
+
+    With ``reuse_evaluations`` a cell's previous evaluation in ``out_dir`` (its row and per-prompt
+    rows) is reused instead of generated again when the previous ``results.json`` has the same eval
+    config (latency settings aside), the cell's summary is the same as then (not retrained), and
+    dense, always evaluated again, reproduces its previous per-prompt rows exactly; otherwise every
+    cell is evaluated. Latency is always measured again, for every model (see :func:`_reusable`)."""
+    from aptp.core.rundir import code_revision
     from aptp.metrics.harness import build_metrics
     from aptp.reporting import write_report
 
@@ -284,6 +291,7 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
 
         raise ConfigError(f"eval.reference / eval.pairs name {sorted(set(unknown))}, which are not cells of this "
                          f"comparison; use 'dense' or one of {list(cells)}.")
+    previous = _previous_evaluation(out_dir) if reuse_evaluations else None  # before this call overwrites it
     runs: dict[tuple[str, int | None], Path] = {}
     summaries: dict[str, Any] = {}
     jobs = [(name, s) for name in cells for s in (list(seeds) or [None])]
@@ -299,14 +307,23 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
     prompts = eval_prompts(cfg, _pixel_resolution(dense, dense.backbone.conditioning()))
     metrics = build_metrics(cfg.metrics)
     results = {"dense": evaluate_pipeline("dense", dense, prompts, cfg, metrics, None)}
+    if previous is not None and not _reusable(previous, cfg, results["dense"]["per_prompt"]):
+        previous = None
+    reused_from: dict[str, Any] = {}
     for (name, s), run in tqdm(list(runs.items()), desc="evaluation", disable=not progress):
         same_backbone = _backbone_section(run) == _backbone_section(first)
         pipe = RoutedPipeline.from_run(run, modules=modules if same_backbone else None)
         if not same_backbone:
             pipe.modules = deterministic_modules(pipe.modules, cfg.sampler)
         key = name if s is None else f"{name}-seed{s}"
-        results[key] = evaluate_pipeline(name, pipe, prompts, cfg, metrics, pipe.kept_ratios, train_seed=s)
-    measure_latency(results, prompts, cfg)
+        old = _previous_cell(previous, key, name, s, summaries[run.name], prompts, cfg) if previous else None
+        if old is not None:
+            results[key] = {**old, "pipe": pipe}
+            # where a reused evaluation was reused before, it dates from that earlier revision
+            reused_from[key] = (previous.get("reused_from") or {}).get(key, previous.get("code_revision"))
+        else:
+            results[key] = evaluate_pipeline(name, pipe, prompts, cfg, metrics, pipe.kept_ratios, train_seed=s)
+    measure_latency(results, prompts, cfg)  # always measured again, every model interleaved
     per_prompt = [rec for res in results.values() for rec in res["per_prompt"]]
     with open(out_dir / "per_prompt.jsonl", "w") as f:
         for rec in per_prompt:
@@ -315,16 +332,80 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
     rows = [r["row"] for r in results.values()]
     (out_dir / "results.json").write_text(json.dumps({"eval": asdict(cfg), "seeds": list(seeds), "rows": rows,
                                                       "intervals": stats, "summaries": summaries,
-                                                      "grid": dict(grid or {})},
+                                                      "grid": dict(grid or {}), "code_revision": code_revision(),
+                                                      "reused": list(reused_from), "reused_from": reused_from},
                                                      indent=1, default=str) + "\n")
     report = write_report(out_dir, results, prompts, cfg, summaries, stats,
-                          cell_dirs={folder.name: folder for folder in runs.values()})
+                          cell_dirs={folder.name: folder for folder in runs.values()}, reused=reused_from)
     out = {"rows": rows, "intervals": stats, "report": str(report)}
     if grid:
         from aptp.ablation import write_ablation
 
         out["ablation"] = str(write_ablation(out_dir))
     return out
+
+
+LATENCY_EVAL_FIELDS = ("latency_batch_sizes", "latency_rounds", "latency_repeats", "latency_threads")
+LATENCY_ROW_PREFIXES = ("step_ms_b", "routed_ms_b", "latency_vs_reference_b")
+
+
+def _json_normal(value: Any) -> str:
+    """``value`` as canonical JSON text (after the round trip results.json makes): equal texts, equal
+    values (NaN included, which ``==`` would call unequal)."""
+    return json.dumps(json.loads(json.dumps(value, default=str)), sort_keys=True)
+
+
+def _previous_evaluation(out_dir: Path) -> dict[str, Any] | None:
+    """The previous ``results.json`` of ``out_dir`` with its per-prompt rows (``"per_prompt"``), or
+    None where there is none (or it cannot be read)."""
+    try:
+        previous = json.loads((out_dir / "results.json").read_text())
+        previous["per_prompt"] = [json.loads(line) for line in
+                                  (out_dir / "per_prompt.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    return previous if isinstance(previous, dict) and isinstance(previous.get("rows"), list) else None
+
+
+def _reusable(previous: Mapping[str, Any], cfg: EvalConfig, dense_rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the previous evaluation may be reused at all: the same eval config except for the
+    latency settings, and dense (evaluated again) reproducing its previous per-prompt rows exactly."""
+    def protocol(eval_cfg: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in eval_cfg.items() if k not in LATENCY_EVAL_FIELDS}
+
+    before, now = protocol(previous.get("eval") or {}), protocol(asdict(cfg))
+    if _json_normal(before) != _json_normal(now):
+        changed = sorted(k for k in before.keys() | now.keys()
+                         if _json_normal(before.get(k)) != _json_normal(now.get(k)))
+        warnings.warn(f"the previous evaluation used another eval config ({', '.join(changed)}): "
+                      "re-evaluating every cell", stacklevel=3)
+        return False
+    old_dense = [r for r in previous["per_prompt"] if r.get("model") == "dense"]
+    if _json_normal(old_dense) != _json_normal(list(dense_rows)):
+        warnings.warn("dense no longer reproduces its previous evaluation (evaluation code or environment "
+                      "changed): re-evaluating every cell", stacklevel=3)
+        return False
+    return True
+
+
+def _previous_cell(previous: Mapping[str, Any], key: str, name: str, train_seed: int | None,
+                   summary: Any, prompts: EvalPrompts, cfg: EvalConfig) -> dict[str, Any] | None:
+    """Cell ``key``'s previous evaluation (``row`` without latency, ``per_prompt``, ``expert_ids``
+    of the first sampling seed, ``images`` None) where its summary is the same as then (it was not
+    trained again) and its previous rows cover every prompt and sampling seed; else None."""
+    if _json_normal(summary) != _json_normal((previous.get("summaries") or {}).get(key)):
+        return None
+    rows = [r for r in previous["rows"] if r.get("model") == name and r.get("train_seed") == train_seed]
+    per_prompt = [r for r in previous["per_prompt"] if r.get("model") == name and r.get("train_seed") == train_seed]
+    expected = {(int(s), i, p) for s in cfg.sample_seeds for i, p in enumerate(prompts.prompts)}
+    found = [(r.get("sample_seed"), r.get("prompt_index"), r.get("prompt")) for r in per_prompt]
+    if len(rows) != 1 or len(found) != len(expected) or set(found) != expected:
+        return None
+    row = {k: v for k, v in rows[0].items() if not k.startswith(LATENCY_ROW_PREFIXES)}
+    first_seed = sorted((r for r in per_prompt if r["sample_seed"] == int(cfg.sample_seeds[0])),
+                        key=lambda r: r["prompt_index"])
+    ids = torch.tensor([int(r["expert"]) for r in first_seed], dtype=torch.long)
+    return {"row": row, "per_prompt": per_prompt, "images": None, "expert_ids": ids}
 
 
 def paired_summary(per_prompt: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], cfg: EvalConfig,

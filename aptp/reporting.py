@@ -74,7 +74,10 @@ def _protocol(prompts, cfg) -> list[str]:
 
 def write_report(out_dir: Path, results: Mapping[str, dict[str, Any]], prompts, cfg,
                  summaries: Mapping[str, Any], stats: Mapping[str, Any],
-                 cell_dirs: Mapping[str, Path] | None = None) -> Path:
+                 cell_dirs: Mapping[str, Path] | None = None, reused: Mapping[str, Any] | None = None) -> Path:
+    """``report.md`` and its figures. ``reused``: results key -> the code revision (or None) of the
+    previous evaluation reused for it (see ``compare(reuse_evaluations=True)``); such a model has
+    ``images`` None and gets no image grids."""
     plt = _plt()
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
@@ -89,6 +92,11 @@ def write_report(out_dir: Path, results: Mapping[str, dict[str, Any]], prompts, 
 
     lines = [f"# Comparison: {', '.join(dict.fromkeys(r['model'] for r in rows))}", ""]
     lines += ([f"_{cfg.note}_", ""] if cfg.note else []) + _protocol(prompts, cfg)
+    if reused:
+        lines += ["**Reused evaluations.** " + "; ".join(
+            f"{key} (evaluated at {_revision(rev)})" for key, rev in reused.items())
+            + ": their quality figures and per-prompt rows come from the previous results.json of this folder "
+            "(same eval config, same cell summary, dense reproduced exactly); latency was measured again.", ""]
     verdict_of = {(p["a"], p["b"], p["metric"]): p for p in stats["pairs"]}
     header = ["model", "train seeds", "experts", "deployed mean kept MACs"]
     for m in interval_metrics:
@@ -198,7 +206,9 @@ def write_report(out_dir: Path, results: Mapping[str, dict[str, Any]], prompts, 
                         if row.get("expert_macs_ratios") else None)
                 lines.append(f"| {kind} | " + " | ".join(map(str, counts)) + f" | {_fmt(macs)} |")
             lines += ["", "Evaluation prompts of each kind per expert (inference routing).", ""]
-        for k in range(row["num_experts"]):
+        if images is None:
+            lines += ["_Images not regenerated: evaluation reused (no image grids)._", ""]
+        for k in range(row["num_experts"] if images is not None else 0):
             idx = (ids == k).nonzero().flatten()[: cfg.grid_per_expert]
             if len(idx) == 0:
                 continue
@@ -211,6 +221,16 @@ def write_report(out_dir: Path, results: Mapping[str, dict[str, Any]], prompts, 
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _revision(code: Any) -> str:
+    """'aptp 0.1.0 at commit 0123456789ab (with uncommitted changes)' from a code-revision dict."""
+    if not isinstance(code, Mapping):
+        return "an unrecorded code revision"
+    text = f"aptp {code.get('aptp', '?')}"
+    if code.get("commit"):
+        text += f" at commit {str(code['commit'])[:12]}" + (" with uncommitted changes" if code.get("dirty") else "")
+    return text
 
 
 def _tradeoff_figures(plt, fig_dir: Path, rows, metric_keys, lat_keys) -> list[str]:
