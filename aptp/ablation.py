@@ -27,6 +27,8 @@ import numpy as np
 from aptp.stats import Interval, bootstrap_mean, verdict
 
 ABLATION_FILE = "ablation.md"
+#: two cells count as equally fast when their latency ratios to dense differ by at most this much
+LATENCY_TOLERANCE = 0.03
 
 
 def _load(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -145,6 +147,7 @@ def ablation_summary(results: Mapping[str, Any], per_prompt: Sequence[Mapping[st
             if iv is not None:
                 pooled.append({"axis": axis, "value": value, "vs": axis_values[0], "cells": len(members),
                                **iv.as_dict(), "verdict": verdict(iv)})
+    matched = _latency_matched(out_cells, spec["axes"], list(cfg.get("latency_batch_sizes", [])), table, scores, boot)
     # every pair of models (grid and baselines): significant wins of the row over the column
     models = [m for m in list(cells) + baselines if m in table]
     wins = np.full((len(models), len(models)), np.nan)
@@ -158,13 +161,47 @@ def ablation_summary(results: Mapping[str, Any], per_prompt: Sequence[Mapping[st
     return {"metric": metric or "(no per-image metric)", "n_prompts": scores.n, "sample_seeds": cfg.get("sample_seeds"), "budget": cfg.get("budget"),
             "confidence": boot["confidence"], "latency_batch_sizes": list(cfg.get("latency_batch_sizes", [])),
             "axes": spec["axes"], "shared": spec.get("shared", {}),
-            "cells": out_cells, "pooled": pooled, "best_static": best_static,
+            "cells": out_cells, "pooled": pooled, "latency_matched": matched, "latency_tolerance": LATENCY_TOLERANCE,
+            "best_static": best_static,
             "baselines": {b: {**(scores.interval(table[b], **boot).as_dict() if b in table else {}),
                               "deployed_macs": rows[b].get("mean_macs_ratio"),
                               "latency_vs_dense": {k.rsplit("_", 1)[-1]: v for k, v in rows[b].items()
                                                    if k.startswith("latency_vs_reference_")}}
                           for b in baselines},
             "dense": dense, "models": models, "wins": wins.tolist()}
+
+
+def _latency_matched(cells: Mapping[str, Any], axes: Mapping[str, Sequence[str]], batches: Sequence[int],
+                     table: Mapping[str, np.ndarray], scores: _Scores, boot: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per axis, batch size and non-first axis value: each cell paired with the cell at the axis'
+    first value whose measured latency (ratio to dense) is closest and within LATENCY_TOLERANCE,
+    then pooled per prompt over those pairs (one interval). A value none of whose cells has such a
+    partner gets ``cells: 0`` and no interval: it cannot be compared at equal latency."""
+    out: list[dict[str, Any]] = []
+    for axis, values in axes.items():
+        for b in batches:
+            key = f"b{b}"
+            lat = {c: e["latency_vs_dense"].get(key) for c, e in cells.items()}
+            first = [c for c, e in cells.items() if e["axes"][axis] == values[0] and lat[c] is not None and c in table]
+            for value in values[1:]:
+                pairs = []
+                for c, e in cells.items():
+                    if e["axes"][axis] != value or lat[c] is None or c not in table or not first:
+                        continue
+                    partner = min(first, key=lambda o: abs(lat[o] - lat[c]))
+                    if abs(lat[partner] - lat[c]) <= LATENCY_TOLERANCE:
+                        pairs.append((c, partner))
+                entry: dict[str, Any] = {"axis": axis, "value": value, "vs": values[0], "batch": b,
+                                         "cells": len(pairs),
+                                         "pairs": [{"cell": c, "partner": o, "latency": lat[c],
+                                                    "partner_latency": lat[o]} for c, o in pairs]}
+                if pairs:
+                    d = np.nanmean(np.stack([table[c] - table[o] for c, o in pairs]), axis=0)  # (N,) per prompt
+                    iv = scores.interval(d, **boot)
+                    if iv is not None:
+                        entry.update(iv.as_dict(), verdict=verdict(iv))
+                out.append(entry)
+    return out
 
 
 def _ci(d: Mapping[str, Any] | None, signed: bool = False) -> str:
@@ -233,6 +270,31 @@ def _figures(summary: Mapping[str, Any], fig_dir: Path) -> list[str]:
         fig.savefig(fig_dir / "ablation_quality_vs_k.png", dpi=120)
         plt.close(fig)
         written.append("ablation_quality_vs_k.png")
+    batches = summary.get("latency_batch_sizes", [])
+    if batches and any(e["latency_vs_dense"] for e in cells.values()):
+        colour_axis = "granularity" if "granularity" in axes else list(axes)[-1]
+        fig, subplots = plt.subplots(1, len(batches), figsize=(4.6 * len(batches), 3.8), sharey=True, squeeze=False)
+        for ax, b in zip(subplots[0], batches):
+            for value in axes[colour_axis]:
+                pts = [(e["latency_vs_dense"].get(f"b{b}"), e["quality"]) for e in cells.values()
+                       if e["axes"][colour_axis] == value and e.get("quality") and e["latency_vs_dense"].get(f"b{b}")]
+                if pts:
+                    ys = np.asarray([q["estimate"] for _, q in pts])
+                    err = np.asarray([[q["estimate"] - q["low"] for _, q in pts], [q["high"] - q["estimate"] for _, q in pts]])
+                    ax.errorbar([x for x, _ in pts], ys, yerr=err, fmt="o", capsize=2, label=str(value))
+            for name, e in summary["baselines"].items():
+                x = e["latency_vs_dense"].get(f"b{b}")
+                if x is not None and "estimate" in e:
+                    ax.plot([x], [e["estimate"]], "k^")
+                    ax.annotate(f" {name}", (x, e["estimate"]), fontsize=7)
+            ax.set_xlabel(f"measured latency / dense (batch {b})")
+            ax.grid(alpha=0.3)
+        subplots[0][0].set_ylabel(f"{metric} ({int(summary['confidence'] * 100)} % interval)")
+        subplots[0][0].legend(fontsize=8, title=_label(colour_axis))
+        fig.tight_layout()
+        fig.savefig(fig_dir / "ablation_quality_vs_latency.png", dpi=120)
+        plt.close(fig)
+        written.append("ablation_quality_vs_latency.png")
     models = summary["models"]
     wins = np.asarray(summary["wins"], dtype=float)
     if len(models) > 1:
@@ -291,6 +353,20 @@ def write_ablation(out_dir: str | Path, spec: Mapping[str, Any] | None = None) -
     for p in summary["pooled"]:
         lines.append(f"| {_label(p['axis'])} | {p['value']} | {p['vs']} | {p['cells']} | "
                      f"{_ci(p, signed=True)} | {p['verdict']} |")
+    if summary.get("latency_matched"):
+        tol = summary["latency_tolerance"]
+        lines += ["", "## At equal measured latency", "",
+                  f"Each cell paired with the cell at the axis' first value (any other axis may differ) whose measured "
+                  f"latency (routed denoising step / dense, batch b) is closest and within ±{tol:.2f} of it; the paired "
+                  "differences pooled per prompt. *cells*: how many cells found such a partner (0: this value cannot be "
+                  "compared at equal latency in this grid).", "",
+                  "| axis | value | vs | batch | cells | Δ " + metric + f" [{conf} %] | verdict | pairs (latency) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in summary["latency_matched"]:
+            pairs = "; ".join(f"{_short(p['cell'], summary)} ({p['latency']:.2f}) – {_short(p['partner'], summary)} "
+                              f"({p['partner_latency']:.2f})" for p in m["pairs"]) or "–"
+            lines.append(f"| {_label(m['axis'])} | {m['value']} | {m['vs']} | {m['batch']} | {m['cells']} | "
+                         f"{_ci(m if 'estimate' in m else None, signed=True)} | {m.get('verdict', '–')} | {pairs} |")
     best = summary["best_static"]
     lines += ["", "## Every cell", "",
               f"Δ columns: against the cell at the axis' first value ({', '.join(f'{_label(a)}={v}' for a, v in first.items())}) "

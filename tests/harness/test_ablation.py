@@ -145,3 +145,25 @@ def test_training_curves_say_whether_fine_tuning_had_flattened(tmp_path):
     assert rows["falling"].startswith("| falling | 91 | 50 | 0.60 / 0.62 | 400 |")
     assert rows["falling"].endswith("| still falling |") and rows["flat"].endswith("| 0.000 | flat |")
     assert (tmp_path / "curves_falling.png").stat().st_size > 1000
+
+
+def test_cells_are_paired_at_equal_measured_latency_only_within_the_tolerance(tmp_path):
+    results, per_prompt = _synthetic(tmp_path)
+    rows = {r["model"]: r for r in results["rows"]}
+    fast_width = "router.num_experts=1,granularity=width"
+    for name, v in results["grid"]["cells"].items():  # depth cells 0.70 of dense, width cells 0.80 but one
+        rows[name]["latency_vs_reference_b1"] = 0.70 if v["granularity"] == "depth" else 0.80
+    rows[fast_width]["latency_vs_reference_b1"] = 0.72
+    results["eval"]["latency_batch_sizes"] = [1]
+    summary = ablation_summary(results, per_prompt)
+    depth = next(m for m in summary["latency_matched"] if m["axis"] == "granularity" and m["value"] == "depth")
+    assert depth["cells"] == 5 and {p["partner"] for p in depth["pairs"]} == {fast_width}
+    assert "estimate" in depth and depth["low"] < 0.0 < depth["high"] or depth["verdict"]
+    rows[fast_width]["latency_vs_reference_b1"] = 0.80  # now no width cell is within 0.03 of a depth cell
+    summary = ablation_summary(results, per_prompt)
+    depth = next(m for m in summary["latency_matched"] if m["axis"] == "granularity" and m["value"] == "depth")
+    assert depth["cells"] == 0 and "estimate" not in depth
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    report = write_ablation(tmp_path).read_text()
+    assert "## At equal measured latency" in report
+    assert (tmp_path / "figures" / "ablation_quality_vs_latency.png").is_file()
