@@ -111,7 +111,7 @@ class UnitSpace:
                 m[self.group_slice(i)] = True
         return m
 
-    @property
+    @cached_property
     def has_min_kept(self) -> bool:
         return any(g.min_kept > 1 and not g.is_depth for g in self.groups)
 
