@@ -33,7 +33,7 @@ def load(path: str | None, metric: str) -> Any:
     if not evaluator_available(path):
         raise MissingWeightsError(
             f"{metric}: no world evaluator at {evaluator_dir(path)} (needs model.safetensors and config.json). "
-            "Train one with `python -m aptp.world.train_evaluator --out DIR` and set the metric's `evaluator` "
+            "Train one with `python -m aptp.world.tools.train_evaluator --out DIR` and set the metric's `evaluator` "
             "(e.g. `metrics[0].evaluator=DIR`)."
         )
     return load_evaluator(path)

@@ -5,8 +5,9 @@ It is the world's analogue of the paper's metrics:
 * **attribute accuracy** (analogue of CLIP score): `score_images(evaluator, images, scenes)` checks a
   generated image against the ground truth behind its caption, attribute by attribute (colour,
   shape, size, stated position, letter, relation, object count, whole scene right);
-* **Fréchet distance** (analogue of FID) and **RBF MMD** (analogue of CMMD) between sets of the
-  CNN's penultimate features: `frechet_distance(a, b)`, `mmd(a, b)`, on `evaluator.features(x)`.
+* its penultimate features `evaluator.embed(x)` are the embedding of the framework's `world_fd`
+  (analogue of FID) and `world_mmd` (analogue of CMMD) metrics; the distances themselves are
+  `aptp.metrics.frechet` and `aptp.metrics.mmd`, not redefined here.
 
 Design (simple and honest): objects in the world always sit in one of five slots (left, right,
 top, bottom, center), so the CNN has, per slot, a head for colour (none + 6), shape (none + 4 +
@@ -16,7 +17,7 @@ occupancy, colour, shape and stated size), so colour and shape are judged where 
 a stated position is right when the object was matched to that slot and the slot is occupied; a
 relation is checked between the slot centres the objects were matched to. The evaluator is
 trained with single objects placed up to 0.14 of the side off their slot centre, so an object
-drawn between slots is read in the nearest one.
+drawn between slots is read in the nearest one (`python -m aptp.world.tools.train_evaluator`).
 
     ev = load_evaluator()                        # shipped weights, aptp/assets/world/evaluator
     res = score_images(ev, images, scenes)       # one dict of booleans / None per image
@@ -51,8 +52,6 @@ __all__ = [
     "load_evaluator",
     "score_images",
     "attribute_accuracy",
-    "frechet_distance",
-    "mmd",
 ]
 
 NONE = "none"
@@ -70,7 +69,7 @@ class Evaluator(nn.Module):
     Args:
         image_size: input side in pixels (a multiple of 8).
         width: channels of the first stage (doubled twice).
-        feature_dim: size of the penultimate features (used for Fréchet distance and MMD).
+        feature_dim: size of the penultimate features (the embedding of `world_fd` and `world_mmd`).
     """
 
     def __init__(self, image_size: int = 32, width: int = 32, feature_dim: int = 256) -> None:
@@ -169,7 +168,7 @@ def load_evaluator(path: str | Path | None = None) -> Evaluator:
     if not weights.is_file() or not cfg.is_file():
         raise FileNotFoundError(
             f"no evaluator at {path}: expected model.safetensors and config.json; "
-            "train one with `python -m aptp.world.train_evaluator --out DIR`."
+            "train one with `python -m aptp.world.tools.train_evaluator --out DIR`."
         )
     config = json.loads(cfg.read_text())
     model = Evaluator(**{k: config[k] for k in ("image_size", "width", "feature_dim")})
@@ -243,87 +242,3 @@ def attribute_accuracy(results: Sequence[dict[str, bool | None]]) -> dict[str, f
         vals = [r[k] for r in results if r.get(k) is not None]
         out[k] = float(np.mean(vals)) if vals else None
     return out
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets a (N, D) and b (M, D) (FID formula)."""
-    from scipy import linalg
-
-    a64, b64 = a.double().numpy(), b.double().numpy()
-    if a64.shape[0] < 2 or b64.shape[0] < 2:
-        raise ValueError(f"need at least 2 samples per set, got {a64.shape[0]} and {b64.shape[0]}.")
-    mu1, mu2 = a64.mean(0), b64.mean(0)
-    s1, s2 = np.cov(a64, rowvar=False), np.cov(b64, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        off = np.eye(s1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-
-
-def mmd(a: torch.Tensor, b: torch.Tensor, sigma: float | None = None) -> float:
-    """Unbiased squared MMD with an RBF kernel between feature sets a (N, D) and b (M, D), as CMMD.
-
-    sigma: kernel bandwidth; None = the median pairwise distance of the pooled sets.
-    """
-    a, b = a.double(), b.double()
-    if a.shape[0] < 2 or b.shape[0] < 2:
-        raise ValueError(f"need at least 2 samples per set, got {a.shape[0]} and {b.shape[0]}.")
-    if sigma is None:
-        d = torch.cdist(torch.cat([a, b]), torch.cat([a, b]))
-        sigma = float(d[d > 0].median())
-    gamma = 1.0 / (2 * sigma**2)
-    kaa = torch.exp(-gamma * torch.cdist(a, a) ** 2)
-    kbb = torch.exp(-gamma * torch.cdist(b, b) ** 2)
-    kab = torch.exp(-gamma * torch.cdist(a, b) ** 2)
-    n, m = a.shape[0], b.shape[0]
-    return float(
-        (kaa.sum() - kaa.diagonal().sum()) / (n * (n - 1))
-        + (kbb.sum() - kbb.diagonal().sum()) / (m * (m - 1))
-        - 2 * kab.mean()
-    )
-
-
-def robustness_report(evaluator: Evaluator, n: int = 500, seed: int = 55_555) -> dict[str, dict[str, float | None]]:
-    """Attribute accuracy on clean and degraded (noise / blur) renders of a held-out world seed."""
-    import torch.nn.functional as F
-
-    from aptp.world.data import World, WorldConfig
-
-    def blur(x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
-
-    out: dict[str, dict[str, float | None]] = {}
-    worlds = (
-        ("single", World(WorldConfig(partial_prob=0.0))),
-        ("single_off_slot_0.12", World(WorldConfig(partial_prob=0.0, jitter=0.12))),
-        ("all_kinds", World()),
-    )
-    for kind, world in worlds:
-        ss = world.sample(n, seed=seed, kind="single" if kind.startswith("single") else None)
-        x, scenes = images_to_tensor([s.image for s in ss]), [s.scene for s in ss]
-        g = torch.Generator().manual_seed(0)
-        variants = {
-            "clean": x,
-            "noise0.1": (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(-1, 1),
-            "blur3x3": blur(x),
-            "blur3x3+noise0.2": (blur(x) + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1),
-        }
-        for name, xv in variants.items():
-            out[f"{kind}/{name}"] = attribute_accuracy(score_images(evaluator, xv, scenes))
-    return out
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m aptp.world.evaluator",
-                                 description="Robustness report of an evaluator on clean and degraded renders.")
-    ap.add_argument("--evaluator", type=Path, default=None, help="evaluator dir (default: shipped)")
-    ap.add_argument("--n", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    for k, v in robustness_report(load_evaluator(a.evaluator), n=a.n).items():
-        print(k, json.dumps({kk: round(vv, 3) for kk, vv in v.items() if vv is not None}))

@@ -1,4 +1,5 @@
-"""World evaluator: scoring logic, feature-set distances, and the shipped weights on real renders."""
+"""World evaluator: scoring logic, evaluate_base's feature-set distances (the framework's FD / MMD), and the
+shipped weights on real renders."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from aptp.world.data import EVERY_KIND_MIX, World, WorldConfig, single_object_scene
+from aptp.world.tools.evaluate_base import feature_distances
 from aptp.world.evaluator import (
     COLOUR_CLASSES,
     DEFAULT_EVALUATOR_DIR,
@@ -17,9 +19,7 @@ from aptp.world.evaluator import (
     SlotPrediction,
     _score_one,
     attribute_accuracy,
-    frechet_distance,
     load_evaluator,
-    mmd,
     scene_targets,
     score_images,
 )
@@ -62,15 +62,29 @@ def test_wrong_attributes_are_caught() -> None:
     assert r["colour"] and r["shape"] and r["position"] is None and r["size"] is None and r["all"]
 
 
-def test_frechet_distance_and_mmd() -> None:
+def test_feature_distances_are_the_framework_metrics() -> None:
+    """evaluate_base's FD / MMD: aptp.metrics' Fréchet distance (sqrtm) and unbiased RBF MMD with the
+    median bandwidth, x1000; the world package defines no distance of its own."""
+    import aptp.world.evaluator as evaluator_module
+    from aptp.metrics.frechet import frechet_distance_features
+    from aptp.metrics.mmd import mmd
+    from aptp.world.tools.evaluate_base import median_bandwidth
+
+    assert not hasattr(evaluator_module, "frechet_distance") and not hasattr(evaluator_module, "mmd")
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g)
     c = torch.randn(400, 8, generator=g) + 1.0
-    assert abs(frechet_distance(a, a)) < 1e-6
-    assert frechet_distance(a, b) < 0.5 < 7.0 < frechet_distance(a, c)  # ≈ 8 (mean shift of 1 in 8 dims)
-    assert abs(mmd(a, b)) < 0.01 < 0.1 < mmd(a, c)
+    assert abs(feature_distances(a, a)["frechet_distance"]) < 1e-6
+    ab, ac = feature_distances(a, b), feature_distances(a, c)
+    assert ab["frechet_distance"] < 0.5 < 7.0 < ac["frechet_distance"]  # ≈ 8 (mean shift of 1 in 8 dims)
+    assert abs(ab["mmd_x1000"]) < 10 < 100 < ac["mmd_x1000"]
+    assert ac["frechet_distance"] == frechet_distance_features(a, c, method="sqrtm")
+    assert ac["mmd_x1000"] == mmd(a, c, sigma=median_bandwidth(a, c), scale=1000.0, unbiased=True)
+    # the median bandwidth, by hand on a small set
+    x, y = torch.tensor([[0.0], [1.0]]), torch.tensor([[3.0]])
+    assert median_bandwidth(x, y) == 2.0  # pairwise distances 1, 2, 3 (each twice)
     with pytest.raises(ValueError, match="at least 2"):
-        mmd(a[:1], b)
+        feature_distances(a[:1], b)
 
 
 def test_shipped_evaluator_reads_real_renders() -> None:
@@ -91,8 +105,8 @@ def test_shipped_evaluator_reads_real_renders() -> None:
     # features: renders of the same world are closer to each other than to noise
     f1, f2 = ev.embed([s.image for s in single[:60]]), ev.embed([s.image for s in single[60:]])
     noise = ev.embed(torch.rand(60, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
-    assert frechet_distance(f1, f2) < frechet_distance(f1, noise)
-    assert mmd(f1, f2) < mmd(f1, noise)
+    near, far = feature_distances(f1, f2), feature_distances(f1, noise)
+    assert near["frechet_distance"] < far["frechet_distance"] and near["mmd_x1000"] < far["mmd_x1000"]
 
 
 def test_shipped_evaluator_reads_every_kind_of_the_graded_world() -> None:

