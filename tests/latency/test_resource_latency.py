@@ -97,3 +97,29 @@ def test_target_ms_needs_resource_latency(tmp_path, pruner):
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="target_ms=-1.0 must be > 0"):
         run_experiment(tmp_path, [*base, "pruner.resource=latency", "pruner.target_ms=-1.0"])
+
+
+def test_static_latency_with_aligned_units_and_minimum_widths(tmp_path, fake_clock):
+    """Hardware-aligned units and minimum kept widths through the config, pruned to a latency target:
+    the saved expert records them and loads back to the unit space's parameter count."""
+    import json
+
+    from aptp.core.resources import count_params
+    from aptp.core.units import UnitSpace
+    from aptp.pruners.expert import load_expert
+
+    gran = ("granularity=[{name: resnet_channels, channels_per_unit: 16, min_kept_channels: 16}, "
+            "{name: attention_heads, min_kept_heads: 2}, "
+            "{name: ffn, channels_per_unit: 16, min_kept_channels: 32}, {name: depth}]")
+    static = ["pruner=static", "router=single", "assignment=magnitude", "pruner.finetune.steps=0",
+              "pruner.data.num_samples=8", "pruner.target_ratio=0.5", gran]
+    _, summary = run_experiment(tmp_path / "run", [*static, *fake_clock])
+    (lat,) = summary["expert_latency_ratios"]
+    assert 0.45 <= lat <= 0.5 + 1e-9, lat
+    (folder,) = (tmp_path / "run" / "experts").iterdir()
+    meta = json.loads((folder / "aptp_expert.json").read_text())
+    space = UnitSpace.from_dict(meta["unit_space"])
+    assert {g.min_kept for g in space.groups if g.kind == "attention_heads"} == {2}
+    assert {g.min_kept for g in space.groups if g.kind == "ffn"} == {2}
+    expert = load_expert(folder)
+    assert count_params(expert) == int(round(meta["kept_params"]))
