@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from aptp.backbones.unet import expand_pretrained, local_pretrained
+from aptp.backbones.diffusers_base import DiffusersBackbone
 from aptp.core.errors import ConfigError, ShapeError
-from aptp.core.interfaces import Backbone, BackboneModules
+from aptp.core.interfaces import BackboneModules
 
 # ------------------------------------------------------------------------------------- text packing
 
@@ -80,7 +81,8 @@ def _training_scheduler_class() -> type:
 
         * ``add_noise(x0, eps, t) = (1 - sigma) x0 + sigma eps``;
         * ``config.prediction_type == 'v_prediction'`` and ``get_velocity(x0, eps, t) = eps - x0``: the
-          flow-matching target *is* a velocity, d x_t / d sigma;
+          flow-matching target *is* a velocity, d x_t / d sigma (the target itself comes from
+          :meth:`FlowBackbone.training_target`; Min-SNR weighting reads the prediction type);
         * ``alphas_cumprod``: the variance-preserving noise level with the same signal-to-noise ratio,
           ``SNR = ((1 - sigma) / sigma)^2`` (Min-SNR weighting reads it).
         """
@@ -209,7 +211,7 @@ def prompts_list(prompts: Sequence[str]) -> list[str]:
 
 
 # -------------------------------------------------------------------------------- shared backbone
-class FlowBackbone(Backbone):
+class FlowBackbone(DiffusersBackbone):
     """What the SD3 and FLUX backbones share: where a pipeline's parts are (a local folder or a hub id,
     as diffusers' ``from_pretrained`` takes them), the transformer built from the preset or loaded,
     the VAE with its shift, the flow-matching scheduler and the initial noise.
@@ -320,18 +322,15 @@ class FlowBackbone(Backbone):
     def decode(self, modules: BackboneModules, sample: torch.Tensor) -> torch.Tensor:
         return decode(modules.vae, sample)
 
+    def training_target(self, scheduler: Any, x0: torch.Tensor, noise: torch.Tensor,
+                        timesteps: torch.Tensor) -> torch.Tensor:
+        """The rectified-flow velocity ``v = eps - x0`` (B, C, H, W): d x_t / d sigma of
+        ``x_t = (1 - sigma) x0 + sigma eps``, what the transformer predicts."""
+        return noise - x0
+
     # --- parts ------------------------------------------------------------------------------------
     def _text(self, device: str | torch.device, dtype: torch.dtype) -> dict[str, Any]:
         raise NotImplementedError
-
-    def _initial_latents(self, b: int, latents: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-        """Initial noise (B, C, H, W): ``latents`` checked, or drawn from ``generator``."""
-        shape = (b, *self.conditioning().sample_shape)
-        if latents is None:
-            return torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
-        if tuple(latents.shape) != shape:
-            raise ShapeError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
-        return latents
 
     def _vae(self, device: str | torch.device, dtype: torch.dtype) -> nn.Module | None:
         cfg = self.vae_config()

@@ -41,7 +41,6 @@ from torch import nn
 from aptp.backbones import flow
 from aptp.core.errors import ConfigError
 from aptp.core.interfaces import BackboneModules, Conditioning
-from aptp.pruners.granularities.toolkit import register_denoiser_call
 from aptp.backbones.presets import check_common_fields
 
 TEXT_ENCODERS = ("auto", "pretrained", "random", "none")
@@ -142,8 +141,6 @@ def flux_forward(denoiser: nn.Module, sample: torch.Tensor, timestep: torch.Tens
     return unpack_latents(out, h, w)  # (B, C, H, W)
 
 
-register_denoiser_call("FluxTransformer2DModel", flux_forward)  # how aptp traces it for the unit space / MACs
-
 
 @dataclass
 class FluxBackboneConfig:
@@ -187,7 +184,7 @@ class FluxBackbone(flow.FlowBackbone):
         default = 128 if self.pretrained is not None else self.preset["sample_size"]  # FluxPipeline: 1024 px
         side = flow.latent_side(self.config.resolution, default, self.vae_scale_factor(), 2)
         return Conditioning((int(cfg["in_channels"]) // 4, side, side), 1 + self._t5_len(),
-                            int(cfg["joint_attention_dim"]))
+                            int(cfg["joint_attention_dim"]), call=self.trace_call)
 
     def denoise(self, denoiser: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
                 text_states: torch.Tensor) -> torch.Tensor:
@@ -231,7 +228,7 @@ class FluxBackbone(flow.FlowBackbone):
                 self.encode_prompts(modules, [""] * len(prompts)).to(param.device, param.dtype), p)
             neg = {"negative_prompt_embeds": n_embeds, "negative_pooled_prompt_embeds": n_pooled,
                    "true_cfg_scale": guidance_scale}
-        x = self._initial_latents(len(prompts), latents, generator).to(param.device, param.dtype)  # (B, C, H, W)
+        x = self.initial_latents(len(prompts), latents, generator).to(param.device, param.dtype)  # (B, C, H, W)
         h, w = x.shape[-2:]
         pipe = FluxPipeline(transformer=denoiser, scheduler=flow.stock_scheduler(modules.scheduler), vae=modules.vae,
                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)

@@ -40,7 +40,6 @@ from torch import nn
 from aptp.backbones import flow
 from aptp.core.errors import ConfigError
 from aptp.core.interfaces import BackboneModules, Conditioning
-from aptp.pruners.granularities.toolkit import register_denoiser_call
 from aptp.backbones.presets import check_common_fields
 
 TEXT_ENCODERS = ("auto", "pretrained", "random", "none")
@@ -104,8 +103,6 @@ def sd3_forward(denoiser: nn.Module, sample: torch.Tensor, timestep: torch.Tenso
                     return_dict=False)[0]
 
 
-register_denoiser_call("SD3Transformer2DModel", sd3_forward)  # how aptp traces it for the unit space / MACs
-
 
 @dataclass
 class SD3BackboneConfig:
@@ -158,7 +155,7 @@ class SD3Backbone(flow.FlowBackbone):
         cfg = self.transformer_config()
         side = flow.latent_side(self.config.resolution, cfg["sample_size"], self.vae_scale_factor(), self._patch())
         return Conditioning((int(cfg["in_channels"]), side, side), 1 + self._clip_len() + self._t5_len(),
-                            int(cfg["joint_attention_dim"]))
+                            int(cfg["joint_attention_dim"]), call=self.trace_call)
 
     def denoise(self, denoiser: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
                 text_states: torch.Tensor) -> torch.Tensor:
@@ -201,7 +198,7 @@ class SD3Backbone(flow.FlowBackbone):
             n_pooled, n_embeds = flow.unpack_text(self.encode_prompts(modules, [""] * len(prompts)).to(text),
                                                   int(denoiser.config.pooled_projection_dim))
             neg = {"negative_prompt_embeds": n_embeds, "negative_pooled_prompt_embeds": n_pooled}
-        x = self._initial_latents(len(prompts), latents, generator).to(param.device, param.dtype)  # (B, C, H, W)
+        x = self.initial_latents(len(prompts), latents, generator).to(param.device, param.dtype)  # (B, C, H, W)
         pipe = StableDiffusion3Pipeline(transformer=denoiser, scheduler=flow.stock_scheduler(modules.scheduler),
                                         vae=modules.vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                                         tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)

@@ -34,7 +34,8 @@ from torch import nn
 
 from aptp.backbones.unet import local_pretrained
 from aptp.core.errors import ConfigError
-from aptp.core.interfaces import Backbone, BackboneModules, Conditioning
+from aptp.backbones.diffusers_base import DiffusersBackbone
+from aptp.core.interfaces import BackboneModules, Conditioning
 from aptp.backbones.presets import check_common_fields
 
 TEXT_ENCODERS = ("auto", "minilm", "pretrained", "none")
@@ -120,7 +121,7 @@ class DiTBackboneConfig:
         check_common_fields(self, PRESET_NAMES, TEXT_ENCODERS, text_len_example="PixArt uses 120", side_example=512)
 
 
-class DiTBackbone(Backbone):
+class DiTBackbone(DiffusersBackbone):
     """diffusers text-to-image model with a DiT / PixArt-style transformer denoiser."""
 
     config_class = DiTBackboneConfig
@@ -193,7 +194,7 @@ class DiTBackbone(Backbone):
             raise ConfigError(f"a {side}x{side} latent is not divisible into {cfg.get('patch_size')}-pixel patches; "
                               "choose a resolution that is.")
         text_len = self.config.text_len if self.config.text_len is not None else int(self.preset["text_len"])
-        return Conditioning((int(cfg["in_channels"]), side, side), text_len, self._text_dim())
+        return Conditioning((int(cfg["in_channels"]), side, side), text_len, self._text_dim(), call=self.trace_call)
 
     def build_denoiser(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
         from diffusers import PixArtTransformer2DModel

@@ -36,7 +36,8 @@ from torch import nn
 from aptp.backbones.presets import PRESETS, check_common_fields
 from aptp.core.assets import resolve_asset
 from aptp.core.errors import ConfigError
-from aptp.core.interfaces import Backbone, BackboneModules, Conditioning
+from aptp.backbones.diffusers_base import DiffusersBackbone
+from aptp.core.interfaces import BackboneModules, Conditioning
 
 TEXT_ENCODERS = ("auto", "clip", "minilm", "none")
 
@@ -61,7 +62,7 @@ class UNetBackboneConfig:
         check_common_fields(self, PRESETS, TEXT_ENCODERS, text_len_example="SD uses 77", side_example=256)
 
 
-class UNetBackbone(Backbone):
+class UNetBackbone(DiffusersBackbone):
     """diffusers text-to-image model with a UNet2DConditionModel denoiser (SD 1.x/2.x, tiny, world)."""
 
     config_class = UNetBackboneConfig
@@ -127,7 +128,8 @@ class UNetBackbone(Backbone):
         side = self.config.resolution // f if self.config.resolution is not None else int(size)
         if self.config.resolution is not None and self.config.resolution % f:
             raise ConfigError(f"resolution={self.config.resolution} is not a multiple of the VAE factor {f}.")
-        return Conditioning((int(cfg["in_channels"]), side, side), self.config.text_len, int(cfg["cross_attention_dim"]))
+        return Conditioning((int(cfg["in_channels"]), side, side), self.config.text_len, int(cfg["cross_attention_dim"]),
+                            call=self.trace_call)
 
     def build_denoiser(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
         from diffusers import UNet2DConditionModel

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from aptp.core.errors import ShapeError
 from aptp.core.units import UnitGroup, UnitSpace
 
 if TYPE_CHECKING:
@@ -56,13 +55,23 @@ class Component:
 
 
 # --------------------------------------------------------------------------------------- backbone
+#: How a backbone calls its denoiser: ``call(denoiser, sample (B, C, H, W), t (B,), text (B, L, D))``.
+DenoiserCall = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], Any]
+
+
 @dataclass(frozen=True)
 class Conditioning:
-    """Shapes a denoiser is called with."""
+    """Shapes a denoiser is called with, and how its backbone calls it.
+
+    ``call`` is the backbone's :meth:`Backbone.trace_call` (what the MACs tracer runs to build the
+    unit space); it takes no part in equality or hashing. None (a conditioning written by hand, or
+    read back from a saved expert without its backbone): the tracer's default for bare diffusers
+    denoisers."""
 
     sample_shape: tuple[int, int, int]  # (C, H, W) of the denoiser's input (latent or pixels)
     text_len: int  # L, number of text tokens cross-attended to
     text_dim: int  # D_text, width of the text encoder's hidden states
+    call: DenoiserCall | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -70,7 +79,7 @@ class BackboneModules:
     """The loaded parts of a text-to-image model."""
 
     denoiser: nn.Module
-    scheduler: Any  # a diffusers scheduler
+    scheduler: Any  # the sampler / noise schedule (a diffusers scheduler for the built-in backbones)
     text_encoder: nn.Module | None = None
     tokenizer: Any = None
     vae: nn.Module | None = None
@@ -78,11 +87,20 @@ class BackboneModules:
 
 
 class Backbone(Component, abc.ABC):
-    """Adapter over a diffusers text-to-image model (denoiser, text encoder, scheduler, VAE)."""
+    """A text-to-image model (denoiser, text encoder, scheduler, VAE): it owns how its model is
+    built, called, sampled, trained and stored.
 
+    The adapters live in :mod:`aptp.backbones` (:class:`aptp.backbones.diffusers_base.DiffusersBackbone`
+    implements everything but the first five methods for models run by a diffusers scheduler); a new
+    backbone is one file there (or in a plugin) and one entry point. Shapes: sample and latents
+    (B, C, H, W) with (C, H, W) = ``conditioning().sample_shape``; timestep (B,); text states
+    (B, L, D_text); images (B, 3, H', W').
+    """
+
+    # --- the model ------------------------------------------------------------------------------
     @abc.abstractmethod
     def conditioning(self) -> Conditioning:
-        """Input shapes of the denoiser at the configured resolution."""
+        """Input shapes of the denoiser at the configured resolution (with ``call=self.trace_call``)."""
 
     @abc.abstractmethod
     def load(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BackboneModules:
@@ -101,155 +119,74 @@ class Backbone(Component, abc.ABC):
     def encode_prompts(self, modules: BackboneModules, prompts: Sequence[str]) -> torch.Tensor:
         """Text encoder hidden states for the denoiser, (B, L, D_text)."""
 
+    def trace_call(self, denoiser: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
+                   text_states: torch.Tensor) -> Any:
+        """How the MACs tracer calls the denoiser (one forward on the ``meta`` device, batch 1):
+        sample (B, C, H, W), timestep (B,) long, text_states (B, L, D) -> anything. Default:
+        :meth:`denoise`; a backbone whose model needs MACs formulas registers them here first
+        (:func:`aptp.core.resources.register_macs_formula`)."""
+        return self.denoise(denoiser, sample, timestep, text_states)
+
+    @abc.abstractmethod
     def feature_modules(self, denoiser: nn.Module) -> list[nn.Module]:
         """Modules whose outputs block-feature distillation matches (UNets: every down, mid and up
         block). Their output widths are never pruned, so teacher and expert features align."""
-        mods: list[nn.Module] = []
-        for name in ("down_blocks", "up_blocks", "transformer_blocks"):
-            mods += list(getattr(denoiser, name, []) or [])
-        if getattr(denoiser, "mid_block", None) is not None:
-            mods.insert(len(getattr(denoiser, "down_blocks", []) or []), denoiser.mid_block)
-        return mods
 
+    # --- images <-> denoiser space ----------------------------------------------------------------
+    @abc.abstractmethod
     def to_latents(self, modules: BackboneModules, images: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> denoiser space (B, C, h, w): VAE latents or pixels.
+        """Images (B, 3, H', W') in [-1, 1] -> denoiser space (B, C, H, W): VAE latents or pixels.
 
-        ``eps`` (B, C, h, w) samples the VAE posterior (mean + std * eps); None takes its mean."""
-        if modules.vae is None:
-            return images
-        posterior = modules.vae.encode(images).latent_dist
-        latents = posterior.mean if eps is None else posterior.mean + posterior.std * eps.to(posterior.mean)
-        return latents * modules.vae.config.scaling_factor
+        ``eps`` (B, C, H, W) samples the VAE posterior (mean + std * eps); None takes its mean."""
 
+    @abc.abstractmethod
     def decode(self, modules: BackboneModules, sample: torch.Tensor) -> torch.Tensor:
-        """Denoiser space (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
-        if modules.vae is not None:
-            sample = modules.vae.decode(sample / modules.vae.config.scaling_factor).sample
-        return (sample / 2 + 0.5).clamp(0, 1)
+        """Denoiser space (B, C, H, W) -> images (B, 3, H', W') in [0, 1]."""
 
-    @torch.no_grad()
+    # --- sampling and training --------------------------------------------------------------------
+    @abc.abstractmethod
     def generate(self, modules: BackboneModules, prompts: Sequence[str], *, denoiser: nn.Module | None = None,
                  num_inference_steps: int = 25, guidance_scale: float = 1.0,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample images (B, 3, H, W) in [0, 1] for ``prompts`` with ``denoiser`` (default: the
+        """Sample images (B, 3, H', W') in [0, 1] for ``prompts`` with ``denoiser`` (default: the
         dense one) and a fresh copy of the backbone's scheduler; classifier-free guidance when
         ``guidance_scale > 1`` (the unconditional prompt is the empty string). ``latents`` (B, C, H, W)
-        is the initial noise; drawn from ``generator`` when not given."""
-        denoiser = denoiser if denoiser is not None else modules.denoiser
-        param = next(denoiser.parameters())
-        scheduler = type(modules.scheduler).from_config(modules.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps)
-        b, cfg = len(prompts), guidance_scale > 1.0
-        text = self.encode_prompts(modules, list(prompts)).to(param.device, param.dtype)  # (B, L, D)
-        if cfg:
-            text = torch.cat([self.encode_prompts(modules, [""] * b).to(text), text])  # (2B, L, D)
-        shape = (b, *self.conditioning().sample_shape)
-        if latents is None:
-            latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
-        elif tuple(latents.shape) != shape:
-            raise ShapeError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
-        x = latents.to(param.device, param.dtype) * scheduler.init_noise_sigma  # (B, C, H, W)
-        for t in scheduler.timesteps:
-            inp = scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-            pred = self.denoise(denoiser, inp, t.expand(inp.shape[0]).to(param.device), text)
-            if cfg:
-                uncond, cond = pred.chunk(2)
-                pred = uncond + guidance_scale * (cond - uncond)
-            x = scheduler.step(pred, t, x, generator=generator).prev_sample
-        return self.decode(modules, x).float()
+        is the initial noise; drawn from ``generator`` when not given. No gradients."""
 
-    # --- experts on disk (optional; the defaults fit diffusers models and plain nn.Modules) ------
+    @abc.abstractmethod
+    def training_target(self, scheduler: Any, x0: torch.Tensor, noise: torch.Tensor,
+                        timesteps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is trained to predict at ``x_t = scheduler.add_noise(x0, noise, t)``:
+        x0, noise (B, C, H, W), timesteps (B,) -> target (B, C, H, W) (noise for epsilon prediction,
+        the velocity for v-prediction and flow matching)."""
+
+    # --- experts on disk --------------------------------------------------------------------------
+    @abc.abstractmethod
     def save_denoiser(self, denoiser: nn.Module, directory: str | Path) -> None:
-        """Write a (cut) denoiser's weights, and what rebuilds its dense form, into ``directory``.
+        """Write a (cut) denoiser's weights, and what rebuilds its dense form, into ``directory``."""
 
-        Default (:func:`save_denoiser_files`): diffusers' ``save_pretrained`` when the model has it
-        (``config.json`` of the dense model it was cut from + ``diffusion_pytorch_model.safetensors``),
-        else its state dict as ``model.safetensors``. Override for models with another format."""
-        save_denoiser_files(denoiser, directory)
-
+    @abc.abstractmethod
     def dense_denoiser_for(self, directory: str | Path) -> nn.Module:
         """The dense denoiser a saved one was cut from, with shapes only (``meta`` device): loading
-        an expert cuts it to the stored architecture and then assigns the saved weights.
+        an expert cuts it to the stored architecture and then assigns the saved weights."""
 
-        Default: the diffusers class named in ``directory/config.json`` built from that config when
-        the folder has one (what ``save_pretrained`` wrote), else ``self.build_denoiser('meta')``."""
-        model = diffusers_model_from_config(directory)
-        return model if model is not None else self.build_denoiser("meta")
-
+    @abc.abstractmethod
     def load_denoiser_state(self, directory: str | Path) -> dict[str, torch.Tensor]:
-        """The weights :meth:`save_denoiser` wrote, as a state dict (default: :func:`load_denoiser_files`)."""
-        return load_denoiser_files(directory)
+        """The weights :meth:`save_denoiser` wrote, as a state dict."""
 
 
-#: file names the default :meth:`Backbone.save_denoiser` writes
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-MODULE_WEIGHTS = "model.safetensors"
+#: Names that moved to :mod:`aptp.backbones.diffusers_base` (the diffusers file format of experts),
+#: still resolved here for importers not yet updated; import them from there.
+_MOVED_TO_BACKBONES = ("DIFFUSERS_WEIGHTS", "MODULE_WEIGHTS", "diffusers_model_from_config", "load_denoiser_files",
+                       "save_denoiser_files")
 
 
-def save_denoiser_files(denoiser: nn.Module, directory: str | Path) -> None:
-    """diffusers' ``save_pretrained`` when ``denoiser`` has it, else ``model.safetensors`` of its state dict."""
-    directory = Path(directory)
-    if hasattr(denoiser, "save_pretrained"):
-        denoiser.save_pretrained(str(directory), safe_serialization=True)
-        return
-    from safetensors.torch import save_file
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_BACKBONES:
+        import importlib
 
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
-    save_file(state, str(directory / MODULE_WEIGHTS))
-
-
-def diffusers_model_from_config(directory: str | Path) -> nn.Module | None:
-    """The diffusers model that ``directory/config.json`` names (``_class_name``), its parameters on
-    the ``meta`` device; None when the folder holds no such config."""
-    import json
-
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        return None
-    name = json.loads(path.read_text()).get("_class_name")
-    if not name:
-        return None
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise ValueError(f"{path} names _class_name={name!r}, which diffusers {diffusers.__version__} does not "
-                         "define; install the diffusers version it was saved with, or override "
-                         "Backbone.dense_denoiser_for.")
-    from accelerate import init_empty_weights
-
-    # Parameters on meta (they are assigned from the saved weights); buffers real, because
-    # non-persistent ones (e.g. PixArt's sin-cos position table) are not in the saved state.
-    with init_empty_weights(include_buffers=False):
-        return cls.from_config(cls.load_config(str(directory)))
-
-
-def load_denoiser_files(directory: str | Path) -> dict[str, torch.Tensor]:
-    """State dict from ``diffusion_pytorch_model.safetensors`` (single or sharded) or ``model.safetensors``."""
-    import json
-
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    for name in (DIFFUSERS_WEIGHTS, MODULE_WEIGHTS):
-        if (directory / name).is_file():
-            return load_file(str(directory / name))
-    index = directory / f"{DIFFUSERS_WEIGHTS}.index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"{directory} holds no {DIFFUSERS_WEIGHTS}, sharded index or {MODULE_WEIGHTS}; "
-                                "it is not a saved denoiser (write one with Backbone.save_denoiser).")
-    state: dict[str, torch.Tensor] = {}
-    root = directory.resolve()
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        path = (directory / str(shard)).resolve()
-        if not path.is_relative_to(root) or path.parent != root:
-            from aptp.core.errors import ConfigError
-
-            raise ConfigError(f"{index} names the shard {shard!r}, which is not a file of {directory}; a saved "
-                              "denoiser's shards sit beside its index (re-save the model).")
-        state.update(load_file(str(path)))
-    return state
+        return getattr(importlib.import_module("aptp.backbones.diffusers_base"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------ granularity

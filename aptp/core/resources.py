@@ -9,12 +9,12 @@ Two independent ways to count the multiply-accumulates (MACs) of one denoiser ca
 * :func:`trace_modules` -- the *analytic* model the unit space is built from: one forward (on the
   ``meta`` device: no memory, no compute) records the input/output shapes of every module, and a
   *MACs formula* per module type gives the MACs of the module's own matmuls (conv:
-  ``out.numel() * C_in/groups * kh * kw``; linear: ``rows * in * out``; diffusers ``Attention``:
-  ``2 * heads * N * M * d`` with M the key length, i.e. the text length for cross-attention; joint
-  attention (SD3 / FLUX: ``add_q_proj`` on the text stream) attends over both streams, N = M =
-  N_image + L_text).
+  ``out.numel() * C_in/groups * kh * kw``; linear: ``rows * in * out``; an attention's ``Q K^T`` and
+  ``P V``: the formula its backbone registers, e.g. ``2 * heads * N * M * d`` for diffusers'
+  ``Attention`` with M the key length, see :mod:`aptp.backbones.diffusers_base`).
   Both count only matmul-like ops (norms, activations, additions are free), as
-  ``FlopCounterMode`` does.
+  ``FlopCounterMode`` does. This module imports no model library: Conv2d and Linear are built in,
+  every other module type is taught by the backbone (or plugin) that uses it.
 
 Extension point: a plugin whose module types do matmuls *outside* ``nn.Linear`` / ``nn.Conv2d``
 children (an attention's ``Q K^T`` and ``P V``, an einsum, a functional ``F.linear``) teaches the
@@ -27,14 +27,14 @@ tracer about them with :func:`register_macs_formula`::
     register_macs_formula(timm.layers.Attention, attention_macs)
 
 Formulas are looked up along the module's class hierarchy (a subclass inherits its base's formula
-unless it registers its own); children are traced and counted separately, so a formula must not
-count them again.
+unless it registers its own), when the module has run (so the traced call may register them first);
+children are traced and counted separately, so a formula must not count them again. An attention
+registers a ``key_len`` too (:func:`attention_types`), recorded per call as ``ModuleRecord.key_len``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,32 +117,21 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
 
 
-def _is_attention(module: nn.Module) -> bool:
-    return isinstance(module, _attention_types())
-
-
-@functools.lru_cache(maxsize=1)
-def _attention_types() -> tuple[type, ...]:
-    """diffusers' ``Attention`` and the newer per-model attentions (``FluxAttention``, ...)."""
-    from diffusers.models.attention_processor import Attention
-
-    try:
-        from diffusers.models.attention import AttentionModuleMixin
-    except ImportError:  # pragma: no cover - older diffusers
-        return (Attention,)
-    return (Attention, AttentionModuleMixin)
-
-
 # ------------------------------------------------------------------------------- MACs formulas
 #: ``formula(module, args, kwargs, output) -> MACs`` of one call of ``module``'s own matmuls (not its
 #: children's), for the whole batch of that call; ``args`` / ``kwargs`` / ``output`` are what the
 #: module's forward received and returned (meta tensors while tracing).
 MacsFormula = Callable[[nn.Module, tuple, dict, Any], float]
+#: ``key_len(module, args, kwargs) -> M``: the key/value length of one call of an attention-like module
+#: (the text length for cross-attention), recorded as :attr:`ModuleRecord.key_len`.
+KeyLength = Callable[[nn.Module, tuple, dict], int]
 
 _MACS_FORMULAS: dict[type, MacsFormula] = {}
+_KEY_LENGTHS: dict[type, KeyLength] = {}
 
 
-def register_macs_formula(module_type: type, formula: MacsFormula, *, replace: bool = False) -> None:
+def register_macs_formula(module_type: type, formula: MacsFormula, *, key_len: KeyLength | None = None,
+                          mixin: bool = False, replace: bool = False) -> None:
     """Teach the analytic tracer the MACs of ``module_type``'s own matmuls.
 
     ``formula(module, args, kwargs, output) -> float``: the multiply-accumulates of one call, for
@@ -150,9 +139,16 @@ def register_macs_formula(module_type: type, formula: MacsFormula, *, replace: b
     computes itself; its ``nn.Linear`` / ``nn.Conv2d`` children have their own formulas. Registering
     a second, different formula for the same type is an error unless ``replace=True``; registering
     the same function again does nothing.
+
+    ``key_len`` marks the type as an *attention* (:func:`attention_types`) and gives the key length M
+    of a call (recorded in the trace, e.g. for the MACs per head). ``mixin=True`` accepts a class that
+    is no ``nn.Module`` itself but that module types inherit (diffusers' ``AttentionModuleMixin``).
+    The backbones register what their models need (:mod:`aptp.backbones.diffusers_base` registers
+    diffusers' attentions), so this module knows no model library.
     """
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"register_macs_formula takes an nn.Module subclass, got {module_type!r}.")
+    if not (isinstance(module_type, type) and (mixin or issubclass(module_type, nn.Module))):
+        raise TypeError(f"register_macs_formula takes an nn.Module subclass (or a mixin with mixin=True), "
+                        f"got {module_type!r}.")
     old = _MACS_FORMULAS.get(module_type)
     if old is not None and old is not formula and not replace:
         raise ValueError(
@@ -161,6 +157,8 @@ def register_macs_formula(module_type: type, formula: MacsFormula, *, replace: b
             f"{formula.__module__}.{formula.__qualname__}."
         )
     _MACS_FORMULAS[module_type] = formula
+    if key_len is not None:
+        _KEY_LENGTHS[module_type] = key_len
 
 
 def macs_formula(module: nn.Module) -> MacsFormula | None:
@@ -171,6 +169,24 @@ def macs_formula(module: nn.Module) -> MacsFormula | None:
         if formula is not None:
             return formula
     return None
+
+
+def key_length(module: nn.Module) -> KeyLength | None:
+    """The key-length function registered for ``type(module)`` or a base class (attentions), or None."""
+    for cls in type(module).__mro__:
+        fn = _KEY_LENGTHS.get(cls)
+        if fn is not None:
+            return fn
+    return None
+
+
+def attention_types() -> tuple[type, ...]:
+    """The module types registered as attentions (with a ``key_len``), e.g. diffusers' ``Attention``
+    once a diffusers backbone has registered them."""
+    return tuple(_KEY_LENGTHS)
+
+
+_attention_types = attention_types  # the name the attention-heads granularity imports
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -190,49 +206,12 @@ def _linear_macs(module: nn.Linear, args: tuple, kwargs: dict, output: Any) -> f
     return float(_numel(_shape(x)[:-1])) * module.in_features * module.out_features
 
 
-def _attention_macs(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> float:
-    """diffusers ``Attention`` (and ``FluxAttention``): the two attention matmuls, Q K^T and P V."""
-    inp = _shape(args[0] if args else kwargs.get("hidden_states"))
-    b, n = inp[0], (inp[1] if len(inp) == 3 else inp[2] * inp[3])
-    m = _key_len(module, args, kwargs)
-    if _is_joint(module, args, kwargs):
-        n = m  # joint attention: the queries are both streams too
-    return 2.0 * b * n * m * module.to_q.out_features  # = 2 B heads N M d
-
-
-def _encoder_states(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-    return enc if isinstance(enc, torch.Tensor) else None
-
-
-def _is_joint(module: nn.Module, args: tuple, kwargs: dict) -> bool:
-    """SD3 / FLUX joint attention: the text stream has its own q/k/v (``add_q_proj``) and attends with the image."""
-    return getattr(module, "add_q_proj", None) is not None and _encoder_states(args, kwargs) is not None
-
-
-def _key_len(module: nn.Module, args: tuple, kwargs: dict) -> int:
-    """M of a diffusers ``Attention`` call: the text length for cross-attention, the image plus the
-    text length for joint attention, else the query length."""
-    inp = _shape(args[0] if args else kwargs.get("hidden_states"))
-    n = inp[1] if len(inp) == 3 else inp[2] * inp[3]
-    enc = _encoder_states(args, kwargs)
-    if enc is None:
-        return n
-    return n + int(enc.shape[1]) if _is_joint(module, args, kwargs) else int(enc.shape[1])
-
-
 def _register_builtin_formulas() -> None:
-    """Conv2d, Linear and diffusers' Attention (imported lazily: resources does not need diffusers)."""
+    """Conv2d and Linear (model libraries' module types are registered by the backbones)."""
     if nn.Linear in _MACS_FORMULAS:
         return
     register_macs_formula(nn.Conv2d, _conv2d_macs)
     register_macs_formula(nn.Linear, _linear_macs)
-    try:
-        types = _attention_types()
-    except ImportError:  # pragma: no cover - diffusers is a core dependency
-        return
-    for attention_type in types:  # AttentionModuleMixin is a mixin, no nn.Module: set directly
-        _MACS_FORMULAS.setdefault(attention_type, _attention_macs)
 
 
 def trace_modules(model: nn.Module, *args: Any, **kwargs: Any) -> Trace:
@@ -245,13 +224,15 @@ def trace_modules(model: nn.Module, *args: Any, **kwargs: Any) -> Trace:
     batch = next((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), 1)
     handles = []
 
-    def hook(path: str, formula: MacsFormula | None):
+    def hook(path: str):
         def _hook(module: nn.Module, a: tuple, kw: dict, output: Any) -> None:
+            # looked up when the module has run: the traced call may register formulas first
+            formula, key_len_of = macs_formula(module), key_length(module)
             x = a[0] if a else kw.get("hidden_states")
             inp = _shape(x)
             out = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
             rec = trace.records.setdefault(path, ModuleRecord(type(module).__name__))
-            key_len = _key_len(module, a, kw) if _is_attention(module) else 0
+            key_len = int(key_len_of(module, a, kw)) if key_len_of is not None else 0
             if rec.calls == 0:
                 rec.input_shape, rec.output_shape, rec.key_len = inp, _shape(out), key_len
             rec.calls += 1
@@ -261,7 +242,7 @@ def trace_modules(model: nn.Module, *args: Any, **kwargs: Any) -> Trace:
         return _hook
 
     for path, module in model.named_modules():
-        handles.append(module.register_forward_hook(hook(path, macs_formula(module)), with_kwargs=True))
+        handles.append(module.register_forward_hook(hook(path), with_kwargs=True))
     try:
         with torch.no_grad():
             model(*args, **kwargs)

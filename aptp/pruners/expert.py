@@ -47,14 +47,8 @@ from torch import nn
 
 from aptp.core.config import config_to_dict
 from aptp.core.errors import IncompatibleError, reading
-from aptp.core.interfaces import (
-    Backbone,
-    Conditioning,
-    Granularity,
-    diffusers_model_from_config,
-    load_denoiser_files,
-    save_denoiser_files,
-)
+from aptp.backbones.diffusers_base import diffusers_model_from_config, load_denoiser_files, save_denoiser_files
+from aptp.core.interfaces import Backbone, Conditioning, Granularity
 from aptp.core.units import UnitSpace
 from aptp.pruners.gating import build_unit_space, cut_model, kind_of
 
@@ -188,7 +182,8 @@ def _skeleton(directory: Path, meta: dict[str, Any]) -> tuple[nn.Module, Backbon
                                 "it cannot be rebuilt.")
     grans = _granularities(meta["granularities"])
     c = meta["conditioning"]
-    cond = Conditioning(tuple(c["sample_shape"]), int(c["text_len"]), int(c["text_dim"]))
+    cond = Conditioning(tuple(c["sample_shape"]), int(c["text_len"]), int(c["text_dim"]),
+                        call=bb.trace_call if bb is not None else None)
     space = build_unit_space(model, grans, cond)
     space.require_same(meta["unit_space"]["fingerprint"], f"expert {directory}")
     return cut_model(model, space, grans, torch.tensor(meta["architecture"], dtype=torch.float32), inplace=True), bb

@@ -338,7 +338,7 @@ def test_diffusers_before_aptp_imports():
 def test_a_shard_index_cannot_point_outside_its_folder(tmp_path, shard):
     from safetensors.torch import save_file
 
-    from aptp.core.interfaces import DIFFUSERS_WEIGHTS, load_denoiser_files
+    from aptp.backbones.diffusers_base import DIFFUSERS_WEIGHTS, load_denoiser_files
 
     folder = tmp_path / "expert"
     (folder / "sub").mkdir(parents=True)

@@ -7,8 +7,8 @@ granularities and for plugins alike (this module is public; its ``__all__`` is t
   ``nn.ModuleList``), :func:`channel_index` (kept units -> kept channels), :func:`slice_linear`,
   :func:`slice_conv` (dense weights copied, then sliced; nothing is re-initialised);
 * MACs -- :func:`trace` (per-sample shapes and analytic MACs of every module, one forward on the
-  ``meta`` device), :func:`dummy_inputs`, and :func:`register_denoiser_call` /
-  :func:`default_call` (how a denoiser is called to trace it).
+  ``meta`` device; the denoiser called as its backbone calls it, ``Conditioning.call``),
+  :func:`dummy_inputs` and :func:`default_call` (the call for a bare diffusers denoiser).
 
 Conventions:
 
@@ -40,7 +40,6 @@ __all__ = [
     "dummy_inputs",
     "expand_gates",
     "get_module",
-    "register_denoiser_call",
     "set_module",
     "slice_conv",
     "slice_linear",
@@ -141,56 +140,36 @@ def dummy_inputs(conditioning: Conditioning, batch: int = 1, device: str | torch
     return sample, t, text
 
 
-#: denoiser class name -> how to call it with aptp's (sample, t, text) (see :func:`register_denoiser_call`)
-_DENOISER_CALLS: dict[str, Callable[..., Any]] = {}
-
-
-def register_denoiser_call(class_name: str, call: Callable[..., Any]) -> None:
-    """Teach :func:`default_call` a denoiser class whose call convention it cannot guess.
-
-    ``call(denoiser, sample (B, C, H, W), t (B,), text (B, L, D)) -> output`` must compute what the
-    backbone's ``denoise`` computes (the backbone that registers it owns the convention, e.g. SD3's
-    pooled projection or FLUX's packed latents). Keyed by class name, looked up along the class
-    hierarchy, so nothing imports diffusers to register. Registering again replaces the call.
-    """
-    _DENOISER_CALLS[class_name] = call
-
-
 def default_call(denoiser: nn.Module, sample: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> Any:
-    """How the granularities call a denoiser to trace it: a call registered for its class
-    (:func:`register_denoiser_call`), else diffusers' UNet convention
-    ``(sample, timestep, encoder_hidden_states)``, or its transformer convention
-    ``(hidden_states, encoder_hidden_states=, timestep=, added_cond_kwargs=)`` (DiT / PixArt)."""
-    import inspect
+    """How :func:`trace` calls a denoiser whose conditioning carries no backbone call (a bare
+    diffusers model): :func:`aptp.backbones.diffusers_base.diffusers_call`, the diffusers UNet or
+    DiT / PixArt convention. A backbone's conditioning carries its own call
+    (:meth:`~aptp.core.interfaces.Backbone.trace_call`)."""
+    from aptp.backbones.diffusers_base import diffusers_call
 
-    for cls in type(denoiser).__mro__:
-        registered = _DENOISER_CALLS.get(cls.__name__)
-        if registered is not None:
-            return registered(denoiser, sample, t, text)
-    params = inspect.signature(denoiser.forward).parameters
-    if "sample" in params or "hidden_states" not in params:
-        return denoiser(sample, t, encoder_hidden_states=text, return_dict=False)
-    kwargs: dict[str, Any] = {"encoder_hidden_states": text, "timestep": t, "return_dict": False}
-    if "added_cond_kwargs" in params:
-        kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-    return denoiser(sample, **kwargs)
+    return diffusers_call(denoiser, sample, t, text)
 
 
 _TRACE_CACHE: dict[tuple, Trace] = {}
 
 
-def _signature(denoiser: nn.Module, conditioning: Conditioning) -> tuple:
+def _signature(denoiser: nn.Module, conditioning: Conditioning, call: Callable[..., Any]) -> tuple:
     shapes = tuple((n, tuple(p.shape)) for n, p in denoiser.named_parameters())
-    return id(denoiser), hash(shapes), hash(tuple(type(m).__name__ for m in denoiser.modules())), conditioning
+    return (id(denoiser), hash(shapes), hash(tuple(type(m).__name__ for m in denoiser.modules())), conditioning,
+            getattr(call, "__func__", call), id(getattr(call, "__self__", None)))
 
 
 def trace(denoiser: nn.Module, conditioning: Conditioning,
-          call: Callable[..., Any] = default_call) -> Trace:
+          call: Callable[..., Any] | None = None) -> Trace:
     """Per-sample shapes and analytic MACs of every module, from one forward on the meta device.
 
-    Cached per (model, layout, conditioning); the model's real weights are not touched.
+    The denoiser is called as ``call(denoiser, sample, t, text)``: ``call`` when given, else the
+    backbone's call the conditioning carries (``conditioning.call``, :meth:`Backbone.trace_call`),
+    else :func:`default_call`. Cached per (model, layout, conditioning, call); the model's real
+    weights are not touched.
     """
-    key = _signature(denoiser, conditioning)
+    call = call if call is not None else (conditioning.call if conditioning.call is not None else default_call)
+    key = _signature(denoiser, conditioning, call)
     hit = _TRACE_CACHE.get(key)
     if hit is not None:
         return hit

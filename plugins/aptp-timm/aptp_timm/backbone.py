@@ -9,7 +9,9 @@ Parts (:class:`aptp.core.interfaces.BackboneModules`):
   (token states (B, L, 384), padded to ``text_len``), or ``none``;
 * no VAE: the denoiser works on pixels in [-1, 1] (the defaults of ``to_latents`` / ``decode``).
 
-Experts of this backbone are plain ``nn.Module`` s: the default ``Backbone.save_denoiser`` stores
+It subclasses :class:`aptp.backbones.diffusers_base.DiffusersBackbone` (the sampling loop over a diffusers
+scheduler, the training target by ``prediction_type``, experts on disk). Experts of this backbone are
+plain ``nn.Module`` s: ``DiffusersBackbone.save_denoiser`` stores
 their state dict as ``model.safetensors`` and loading rebuilds the dense model from this backbone's
 config (``build_denoiser('meta')``), cuts it, then assigns the weights.
 """
@@ -25,7 +27,8 @@ import torch
 from torch import nn
 
 from aptp.core.errors import ConfigError
-from aptp.core.interfaces import Backbone, BackboneModules, Conditioning, load_denoiser_files
+from aptp.backbones.diffusers_base import DiffusersBackbone, load_denoiser_files
+from aptp.core.interfaces import BackboneModules, Conditioning
 
 TEXT_ENCODERS = ("minilm", "none")
 MINILM_DIM = 384
@@ -68,14 +71,14 @@ class TimmDiTBackboneConfig:
             raise ValueError(f"text_len={self.text_len} must be >= 1.")
 
 
-class TimmDiTBackbone(Backbone):
+class TimmDiTBackbone(DiffusersBackbone):
     """Pixel-space DiT-style model of timm ViT blocks, in-context conditioned on prompt tokens."""
 
     config_class = TimmDiTBackboneConfig
 
     def conditioning(self) -> Conditioning:
         c = self.config
-        return Conditioning((c.in_channels, c.resolution, c.resolution), c.text_len, c.text_dim)
+        return Conditioning((c.in_channels, c.resolution, c.resolution), c.text_len, c.text_dim, call=self.trace_call)
 
     def build_denoiser(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
         from aptp_timm.model import TimmDiT
