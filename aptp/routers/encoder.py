@@ -182,3 +182,25 @@ class SentenceTransformerEncoder(PromptEncoder):
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    # --- reusing a text encoder's token states ---------------------------------------------------
+    @property
+    def max_tokens(self) -> int:
+        """Tokens the model reads per prompt (longer prompts are truncated), e.g. 256 for MiniLM."""
+        return int(self.model.max_seq_length)
+
+    def pool_token_states(self, token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Embeddings z (B, D) from the token states (B, L, D_tok) of this encoder's transformer and
+        their attention mask (B, L): the model's own modules after the transformer (pooling, then
+        normalisation where the model has it), then ``normalize``. When a backbone conditions on the
+        same transformer (the world backbone's MiniLM token states), its states give the embeddings
+        :meth:`encode` gives, up to float rounding, for prompts that were not truncated (at most
+        ``min(L, max_tokens)`` tokens), without encoding the prompts a second time. Bypasses the cache."""
+        features = {"token_embeddings": token_states.float(), "attention_mask": attention_mask}
+        with torch.inference_mode():
+            for module in list(self.model)[1:]:
+                features = module(features)
+            z = features["sentence_embedding"]
+            if self.config.normalize:
+                z = torch.nn.functional.normalize(z, dim=-1)
+        return z.detach().to("cpu", torch.float32)  # (B, D)
