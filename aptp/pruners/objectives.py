@@ -11,18 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the denoiser is trained to predict, (B, C, H, W), for the scheduler's prediction type."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    if kind == "sample":
-        return x0
-    raise ValueError(f"unsupported prediction_type {kind!r}; use 'epsilon', 'v_prediction' or 'sample'.")
-
-
 def min_snr_weights(scheduler, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
     """Per-sample loss weights (B,) of Min-SNR-gamma (Hang et al. 2023); ones when gamma is None.
 

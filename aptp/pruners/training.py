@@ -252,7 +252,7 @@ class TrainContext:
             text=self.backbone.encode_prompts(self.modules, captions).to(device, dtype),
             x_t=scheduler.add_noise(x0, noise, t),
             t=t,
-            target=O.training_target(scheduler, x0, noise, t),
+            target=self.backbone.training_target(scheduler, x0, noise, t),
             snr_weight=O.min_snr_weights(scheduler, t, self.min_snr_gamma),
         )
 
