@@ -175,20 +175,6 @@ class Backbone(Component, abc.ABC):
         """The weights :meth:`save_denoiser` wrote, as a state dict."""
 
 
-#: Names that moved to :mod:`aptp.backbones.diffusers_base` (the diffusers file format of experts),
-#: still resolved here for importers not yet updated; import them from there.
-_MOVED_TO_BACKBONES = ("DIFFUSERS_WEIGHTS", "MODULE_WEIGHTS", "diffusers_model_from_config", "load_denoiser_files",
-                       "save_denoiser_files")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_BACKBONES:
-        import importlib
-
-        return getattr(importlib.import_module("aptp.backbones.diffusers_base"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ------------------------------------------------------------------------------------ granularity
 #: Returns the current gates of one unit group, (B, n_units), or None when the model runs ungated.
 GateGetter = Callable[[], "torch.Tensor | None"]
