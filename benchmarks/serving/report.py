@@ -1,5 +1,5 @@
-"""Write the serving section of benchmarks/RESULTS.md from memory_world.json, serving_world.json and
-lora_vs_full_world.json.
+"""Write the serving section of benchmarks/RESULTS.md from memory_world.json, serving_world.json,
+cpu_cost_world.json and lora_vs_full_world.json.
 
     python benchmarks/serving/report.py
 """
@@ -25,7 +25,8 @@ def main() -> None:
              f"- K = {mem['K']} experts with scattered kept units (not the first units of each group), kept-MACs "
              f"ratios {', '.join(f'{r:.2f}' for r in mem['expert_macs_ratios'])}",
              "- commands: `OMP_NUM_THREADS=1 nice -n 19 python benchmarks/serving/memory.py`, "
-             "`OMP_NUM_THREADS=1 nice -n 19 python benchmarks/serving/serving.py`, `python benchmarks/serving/report.py`",
+             "`OMP_NUM_THREADS=1 nice -n 19 python benchmarks/serving/serving.py`, "
+             "`OMP_NUM_THREADS=1 nice -n 19 python benchmarks/serving/cpu_cost.py`, `python benchmarks/serving/report.py`",
              "", "### Resident memory of K = 8 experts (tensor storages, each counted once; dense = "
              f"{mem['dense_mib']:.2f} MiB)", "",
              "| experts | resident (MiB) | resident / dense | + one call's gathered weights / dense | on disk (MiB) | max abs diff vs materialised |",
@@ -42,7 +43,8 @@ def main() -> None:
               f"Routed load-weighted mean kept MACs {srv['routed_load_weighted_macs']:.3f}, static {srv['static_macs']:.3f}. "
               "Wall-clock throughput and latency measure a machine shared with a training job (this process at nice 19); "
               "CPU throughput = requests / CPU seconds of the serving thread (routing + all groups), the contention-free figure.",
-              "The burst (all requests at t = 0: saturation) is the median of 3 interleaved rounds; the Poisson loads one round each.",
+              "The burst (all requests at t = 0: saturation) is the median of 3 interleaved rounds; the Poisson loads one round each. "
+              f"Scheduler: {srv.get('scheduler', 'encode twice (before reuse_text; see the CPU-cost table below)')}.",
               "", "| load | model | throughput (img/s) | CPU throughput (img/s) | CPU throughput / static | routing share of CPU | p50 (s) | p95 (s) | groups | mean group |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     static = {r["load"]: r["cpu_throughput"] for r in srv["rows"] if r["model"].startswith("static")}
@@ -50,6 +52,29 @@ def main() -> None:
         lines.append(f"| {r['load']} | {r['model']} | {r['throughput']:.2f} | {r['cpu_throughput']:.2f} | "
                      f"{r['cpu_throughput'] / static[r['load']]:.2f} | {r['route_cpu_share']:.3f} | {r['p50_s']:.2f} | "
                      f"{r['p95_s']:.2f} | {r['groups']:.0f} | {r['mean_batch']:.1f} |")
+    cost = HERE / "cpu_cost_world.json"
+    if cost.is_file():
+        cc = json.loads(cost.read_text())
+        lines += ["", f"### CPU cost per image at saturation, before / after encoding each prompt once (`cpu_cost.py`, "
+                  f"{cc['date']})", "",
+                  f"Machine: {cc['machine']}; the table above is wall-clock and older, and is not "
+                  f"comparable with this one. One call = the {cc['requests']}-request trace at once ({cc['steps']} steps, "
+                  f"max_batch {cc['max_batch']}) served in the calling thread; every candidate in the same {cc['rounds']} "
+                  f"interleaved rounds; median (p25-p75) thread CPU ms per image, routing and encoding included. "
+                  f"Routed load {cc['routed_load']}, load-weighted mean kept MACs {cc['routed_load_weighted_macs']:.3f}. "
+                  "'encode twice': the router's MiniLM encodes each prompt, then each group's generation encodes it again "
+                  "with the backbone's MiniLM (the scheduler before); 'encode once': one backbone encoding per prompt at "
+                  "routing time, reused by the generation, the routing embedding pooled from its token states "
+                  "(`ExpertScheduler(reuse_text=True)`, the default now). Encoding share: CPU spent encoding and routing "
+                  "at routing time (with 'encode once' it includes the text states the groups no longer compute).", "",
+                  "| model | scheduler | CPU ms / image | CPU throughput (img/s) | vs static 0.575, encode once | encoding share | groups | mean group |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in cc["rows"]:
+            model, how = (x.strip() for x in r["candidate"].split("|"))
+            lines.append(f"| {model} | {how} | {r['cpu_ms_per_image_median']:.1f} ({r['cpu_ms_per_image_p25']:.1f}-"
+                         f"{r['cpu_ms_per_image_p75']:.1f}) | {r['cpu_throughput']:.2f} | "
+                         f"{r['throughput_vs_static_0575_once']:.3f} | {r['route_cpu_share']:.3f} | {r['groups']} | "
+                         f"{r['mean_group']:.1f} |")
     lora = HERE / "lora_vs_full_world.json"
     if lora.is_file():
         lv = json.loads(lora.read_text())

@@ -38,7 +38,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _world import K, architectures, world_backbone  # noqa: E402
 
 from aptp.core.plugins import default_registry  # noqa: E402
-from aptp.world.data import World, WorldConfig  # noqa: E402
+try:  # the world's data module (moved from aptp.data.world to aptp.world.data)
+    from aptp.world.data import World, WorldConfig  # noqa: E402
+except ImportError:
+    from aptp.data.world import World, WorldConfig  # noqa: E402
 from aptp.pipeline import RoutedPipeline  # noqa: E402
 from aptp.pruners.expert import LowRank, SharedExpert, _Entry, slice_map  # noqa: E402
 from aptp.pruners.gating import cut_model  # noqa: E402
@@ -152,7 +155,7 @@ def main() -> None:
         run(f"{f}x static ({rate:.2f}/s)", arrivals, 1)
     out = {"date": str(date.today()), "machine": f"cpu {platform.machine()}, {os.cpu_count()} cores, 1 torch thread, nice 19, shared with a training job",
            "versions": f"Python {platform.python_version()}, torch {torch.__version__}", "requests": N, "steps": STEPS,
-           "max_batch": MAX_BATCH, "max_wait_s": MAX_WAIT, "expert_macs_ratios": [round(float(r), 3) for r in ratios],
+           "max_batch": MAX_BATCH, "max_wait_s": MAX_WAIT, "scheduler": "encode once (reuse_text=True)", "expert_macs_ratios": [round(float(r), 3) for r in ratios],
            "routed_load_weighted_macs": routed_mean, "static_macs": float(space.macs_ratio(static_arch)),
            "rows": rows, "wall_s": time.monotonic() - t_start}
     path = Path(__file__).with_name("serving_world.json")
