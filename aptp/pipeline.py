@@ -103,7 +103,8 @@ class RoutedPipeline:
                 raise FileNotFoundError(f"{folder} is missing: the run did not finish expert {k} (rerun to resume).")
         modules = modules if modules is not None else backbone.load(device=device, dtype=dtype)
         experts: dict[int, ExpertSource] = {
-            k: functools.partial(load_expert, folder, device, dtype, dense=modules.denoiser, materialise=not shared)
+            k: functools.partial(load_expert, folder, device, dtype, dense=modules.denoiser,
+                                 materialise=not shared, registry=registry)
             for k, folder in enumerate(folders)}
         return cls(backbone, modules, bundle.encoder, bundle.router, experts, max_batch_size=max_batch_size,
                    resident=resident, kept_ratios=bundle.kept_ratios())

@@ -49,6 +49,7 @@ from aptp.core.config import config_to_dict
 from aptp.core.errors import IncompatibleError, reading
 from aptp.backbones.diffusers_base import diffusers_model_from_config, load_denoiser_files, save_denoiser_files
 from aptp.core.interfaces import Backbone, Conditioning, Granularity
+from aptp.core.registry import Registry
 from aptp.core.units import UnitSpace
 from aptp.pruners.gating import build_unit_space, cut_model, kind_of
 
@@ -64,7 +65,8 @@ def save_expert(directory: str | Path, expert: nn.Module, architecture: torch.Te
                 granularities: list[Granularity], conditioning: Conditioning,
                 backbone: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
                 storage: str = "materialised", dense: nn.Module | None = None,
-                lowrank: Mapping[str, LowRank] | None = None, diff_rank: int | None = None) -> Path:
+                lowrank: Mapping[str, LowRank] | None = None, diff_rank: int | None = None,
+                registry: Registry | None = None) -> Path:
     """Write ``expert`` (a cut diffusers model, e.g. from :func:`cut_model`) and how to rebuild it.
 
     ``storage="materialised"``: the expert's own weights (a plain diffusers folder plus
@@ -75,6 +77,7 @@ def save_expert(directory: str | Path, expert: nn.Module, architecture: torch.Te
     ``diff_rank``: store the diffs of 2-D / 4-D weights after full fine-tuning as their best rank-r
     approximation (truncated SVD; LOSSY, marked ``"lossy": true``) where that is smaller than the diff;
     1-D diffs (norms, biases) stay exact. None (default): every diff exact.
+    ``registry``: where the ``backbone`` config's name is looked up (default: the installed plugins).
     """
     directory = Path(directory)
     space.check(architecture)
@@ -90,7 +93,7 @@ def save_expert(directory: str | Path, expert: nn.Module, architecture: torch.Te
         shared = _save_shared(directory, expert, dense, space, granularities, arch, lowrank or {}, diff_rank)
     elif lowrank:  # materialised: the low-rank diffs go into the weights
         expert = merge_lowrank(copy.deepcopy(expert), lowrank)
-    bb = _backbone(backbone)
+    bb = _backbone(backbone, registry)
     if shared is not None:
         directory.mkdir(parents=True, exist_ok=True)
         if hasattr(expert, "save_config"):  # config.json: what dense_denoiser_for rebuilds
@@ -132,10 +135,17 @@ def read_expert_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _granularities(specs: list[dict[str, Any]]) -> list[Granularity]:
+def _default(registry: Registry | None) -> Registry:
+    """``registry``, or the installed plugins' when the caller (a top-level API) passed none."""
+    if registry is not None:
+        return registry
     from aptp.core.plugins import default_registry
 
-    reg = default_registry()["granularity"]
+    return default_registry()
+
+
+def _granularities(specs: list[dict[str, Any]], registry: Registry) -> list[Granularity]:
+    reg = registry["granularity"]
     out = []
     for s in specs:
         params = dict(s)
@@ -144,43 +154,45 @@ def _granularities(specs: list[dict[str, Any]]) -> list[Granularity]:
     return out
 
 
-def _backbone(config: dict[str, Any] | None) -> Backbone | None:
+def _backbone(config: dict[str, Any] | None, registry: Registry | None) -> Backbone | None:
     """The backbone an expert's ``backbone`` config (with its registered ``name``) builds, or None."""
     if not config or "name" not in config:
         return None
     from aptp.core.config import instantiate_config
-    from aptp.core.plugins import default_registry
 
-    spec = default_registry()["backbone"].get(config["name"])
+    spec = _default(registry)["backbone"].get(config["name"])
     return spec.build(instantiate_config(spec, dict(config)))
 
 
 def load_expert(directory: str | Path, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, dense: nn.Module | None = None,
-                materialise: bool = True) -> nn.Module:
+                materialise: bool = True, registry: Registry | None = None) -> nn.Module:
     """Rebuild a saved expert: the backbone's dense denoiser (meta; ``Backbone.dense_denoiser_for``) -> cut to
     the stored architecture -> the saved weights (``Backbone.load_denoiser_state``).
 
     A shared-storage expert takes its weights from ``dense`` (default: the backbone's dense denoiser,
     built once per call): ``materialise=True`` gives a plain diffusers model (its own copy of the
     weights), ``materialise=False`` a :class:`SharedExpert` over ``dense`` itself (pass the same
-    ``dense`` to K experts to keep one copy). A materialised folder always loads materialised."""
+    ``dense`` to K experts to keep one copy). A materialised folder always loads materialised.
+    ``registry``: where the stored backbone and granularity names are looked up (default: the
+    installed plugins; :meth:`aptp.pipeline.RoutedPipeline.from_run` passes its own)."""
     directory = Path(directory)
     meta = read_expert_meta(directory)
+    registry = _default(registry)
     with reading(directory, "expert", _EXPERT_HINT):
         if meta.get("storage", "materialised") == "shared":
-            return _load_shared(directory, meta, device, dtype, dense, materialise)
-        return _load_expert(directory, meta, device, dtype)
+            return _load_shared(directory, meta, device, dtype, dense, materialise, registry)
+        return _load_expert(directory, meta, device, dtype, registry)
 
 
-def _skeleton(directory: Path, meta: dict[str, Any]) -> tuple[nn.Module, Backbone | None]:
+def _skeleton(directory: Path, meta: dict[str, Any], registry: Registry) -> tuple[nn.Module, Backbone | None]:
     """The expert's cut model with shapes only (``meta`` device)."""
-    bb = _backbone(meta.get("backbone"))
+    bb = _backbone(meta.get("backbone"), registry)
     model = bb.dense_denoiser_for(directory) if bb is not None else diffusers_model_from_config(directory)
     if model is None:
         raise IncompatibleError(f"expert {directory} names no backbone and holds no diffusers config.json; "
                                 "it cannot be rebuilt.")
-    grans = _granularities(meta["granularities"])
+    grans = _granularities(meta["granularities"], registry)
     c = meta["conditioning"]
     cond = Conditioning(tuple(c["sample_shape"]), int(c["text_len"]), int(c["text_dim"]),
                         call=bb.trace_call if bb is not None else None)
@@ -189,8 +201,8 @@ def _skeleton(directory: Path, meta: dict[str, Any]) -> tuple[nn.Module, Backbon
     return cut_model(model, space, grans, torch.tensor(meta["architecture"], dtype=torch.float32), inplace=True), bb
 
 
-def _load_expert(directory: Path, meta: dict[str, Any], device, dtype) -> nn.Module:
-    model, bb = _skeleton(directory, meta)
+def _load_expert(directory: Path, meta: dict[str, Any], device, dtype, registry: Registry) -> nn.Module:
+    model, bb = _skeleton(directory, meta, registry)
     state = bb.load_denoiser_state(directory) if bb is not None else load_denoiser_files(directory)
     model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -403,8 +415,8 @@ def _read_shared(directory: Path, meta: dict[str, Any]) -> dict[str, _Entry]:
 
 
 def _load_shared(directory: Path, meta: dict[str, Any], device, dtype, dense: nn.Module | None,
-                 materialise: bool) -> nn.Module:
-    skeleton, bb = _skeleton(directory, meta)
+                 materialise: bool, registry: Registry) -> nn.Module:
+    skeleton, bb = _skeleton(directory, meta, registry)
     entries = _read_shared(directory, meta)
     names = dense_state(skeleton)
     if set(names) != set(entries):
