@@ -346,14 +346,20 @@ class LearnedRouter(Router):
 # ---------------------------------------------------------------------------- assignment / prune
 @dataclass
 class AssignmentContext:
-    """What an assignment may look at to choose each expert's architecture."""
+    """What an assignment may look at to choose each expert's architecture. A pruner fills what it
+    has; an assignment that needs a field it finds empty says so (``ConfigError``)."""
 
     unit_space: UnitSpace
     num_experts: int  # K
     target_ratio: float  # kept-MACs budget as a fraction of the whole model's MACs
-    denoiser: nn.Module | None = None
+    denoiser: nn.Module | None = None  # the dense denoiser (weights to score)
     router: Router | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    granularities: Sequence[Granularity] = ()  # the granularities that made unit_space (one per kind)
+    expert_ids: torch.Tensor | None = None  # (N,) the expert each training row is routed to
+    # The dense model with gates installed and its training data (an aptp.pruners.training.TrainContext:
+    # batch(), gates, features, denoiser, dataset, seed, example_inputs()), for data-driven criteria
+    # (taylor, depgraph); None outside a pruner.
+    train_context: Any = None
 
 
 class Assignment(Component, abc.ABC):

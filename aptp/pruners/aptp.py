@@ -16,15 +16,16 @@ term gains ``sum_k (n_k / B) |log(rbar_k / p_k)|`` with per-code targets p_k all
 warm-up, from each code's measured sensitivity to pruning (:mod:`aptp.pruners.capacity`).
 
 L_block is averaged over the down/mid/up blocks (as the original); the task terms are assembled by
-:func:`aptp.pruners.objectives.task_losses`, the same function phase 2 uses. The contrastive loss
+:meth:`aptp.pruners.training.TrainContext.task_loss`, the same method phase 2 uses. The contrastive loss
 compares the architectures routing compares (hard straight-through gates, group-normalised:
 :meth:`OTRouter.normalised_gates`), not the predictor's raw logits.
 
 During the first ``warmup_steps`` the predictor's own soft gates drive the model (no codes, no
 OT). With a router that learns no codes (``kmeans``, ``nearest``, ``single``), that router assigns the prompts
 instead of optimal transport and phase 1 learns one code per expert (an ablation of the learned
-routing; :meth:`AptpPruner.run`). Phase 2 cuts each expert from the dense weights by its code and fine-tunes it on the prompts
-routed to it, with the dense model as teacher.
+routing; :meth:`AptpPruner.run`; its codes are held by the registry's ``ot`` router). Phase 2 cuts each
+expert from the dense weights by its code and fine-tunes it on the prompts routed to it, with the dense model
+as teacher: the fine-tuning loop the static pruner runs too (:mod:`aptp.pruners.finetune`).
 
 Distributed (``accelerate launch`` / ``torchrun``): every process draws the *global* batch's
 noise from the same seeded stream and keeps its own rows; balancing, the contrastive matrix and
@@ -38,10 +39,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from aptp.core import values
@@ -50,16 +50,12 @@ from aptp.core.checkpoint import latest_checkpoint, rng_state, save_checkpoint, 
 from aptp.core.rundir import open_run
 from aptp.core.interfaces import LearnedRouter, Pruner
 from aptp.latency.resource import check_resource, resolve_target_ratio, resource_ratio
-from aptp.pruners import objectives as O
-from aptp.pruners.training import (
-    DataConfig,
-    JsonlLogger,
-    TrainContext,
-    global_batch_indices,
-    local_rows,
-    step_generator,
-)
-from aptp.routers import distributed as D
+from aptp.pruners import distributed as D
+from aptp.pruners.artefacts import JsonlLogger, save_bundle
+from aptp.pruners.data import DataConfig
+from aptp.pruners.distributed import global_batch_indices, local_rows, step_generator, sum_gradients
+from aptp.pruners.finetune import Phase2Config, finetune_experts
+from aptp.pruners.training import TrainContext
 from aptp.routers._checks import check_enough_prompts
 from aptp.routers.losses import contrastive_loss, resource_loss, spread_losses
 
@@ -75,49 +71,6 @@ class Phase1Weights:
 
     def __post_init__(self) -> None:
         values.weights("weights.", self, ("denoise", "distill", "block", "resource", "spread", "contrastive"))
-
-
-@dataclass
-class Phase2Config:
-    KEY: ClassVar[str] = "phase2"  # the config key errors name (the static pruner's subclass: finetune)
-    steps: int = 30_000  # fine-tuning steps per expert (split: per_expert), or in all (split: by_load)
-    # "per_expert" (the paper: every expert gets `steps`) or "by_load": `steps` is the total, shared
-    # out by each expert's routed training load, so a K-expert run costs what one static model costs
-    split: str = "per_expert"
-    batch_size: int = 64
-    lr: float = 1e-5  # times sqrt(global batch) when scale_lr
-    denoise: float = 1.0
-    distill: float = 0.2
-    block: float = 0.2
-    checkpoint_every: int = 100  # fine-tuning steps between an expert's checkpoints (and at its end)
-    # "none" (the paper: every weight of the cut expert) or "lora": low-rank adapters (peft, extra
-    # [lora]) of rank lora_rank (scale lora_alpha / rank, default 1) on its linear / conv weights
-    adapter: str = "none"
-    lora_rank: int = 8
-    lora_alpha: Optional[float] = None
-    # "materialised" (a plain diffusers model per expert) or "shared": index sets over the dense
-    # weights + the expert's diffs / LoRA factors, loaded from one resident dense copy
-    storage: str = "materialised"
-
-    def __post_init__(self) -> None:
-        from aptp.pruners.expert import STORAGES
-        from aptp.pruners.lora import check_adapter
-
-        key = self.KEY
-        try:
-            check_adapter(self.adapter, self.lora_rank)
-        except ValueError as exc:
-            raise ValueError(f"{key}.adapter / {key}.lora_rank: {exc}") from None
-        if self.storage not in STORAGES:
-            raise ValueError(f"{key}.storage={self.storage!r} is unknown; use one of {list(STORAGES)}.")
-        values.positive("phase2.lr", self.lr, "(the paper: 1e-5, times sqrt(batch) with scale_lr)")
-        values.weights("phase2.", self, ("denoise", "distill", "block"))
-        if self.steps < 0 or self.batch_size < 1:
-            raise ValueError(f"phase2 needs steps >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}.")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"phase2.checkpoint_every={self.checkpoint_every} must be >= 1.")
-        if self.split not in ("per_expert", "by_load"):
-            raise ValueError(f"phase2.split={self.split!r} must be 'per_expert' or 'by_load'.")
 
 
 @dataclass
@@ -207,16 +160,14 @@ class AptpPruner(Pruner):
             check_enough_prompts(router.num_experts, prompts=ctx.captions)
             ids = None
             if fixed:
-                from aptp.routers.ot import OTRouter, OTRouterConfig
-
                 embeddings = ctx.all_embeddings()  # (N, D)
                 router.fit(embeddings, prompts=ctx.captions)  # keyword rules read the texts
                 with torch.no_grad():
                     ids = router.eval().route(embeddings).expert_ids  # (N,) fixed for the whole run
-            codes = bind_seeded(OTRouter(OTRouterConfig(num_experts=router.num_experts)) if fixed else router, ctx)
+            codes = bind_seeded(code_router(composition.registry, router.num_experts) if fixed else router, ctx)
             phase1 = self.phase1(ctx, codes, fixed_ids=ids)
             phase2 = self.phase2(ctx, codes, fixed_ids=ids)
-            ctx.save_bundle(router, codes.architectures())
+            save_bundle(ctx, router, codes.architectures())
         return {**phase1, **phase2, "output_dir": str(output_dir)}
 
     # --------------------------------------------------------------------------------- phase 1
@@ -278,10 +229,8 @@ class AptpPruner(Pruner):
                             expert = fixed_ids[idx[local_rows(len(idx))]]  # (b,) this process's rows
                     g = router.code_gates(noise=True, hard=False)[expert]  # (b, U) soft, of the routed codes
                     g_deploy = router.code_gates(noise=False, hard=True)[expert]  # (b, U) straight-through
-            student, teacher, f_s, f_t = ctx.forward_pair(batch, g)
             # global batch: every term is a global mean; block distillation averaged over the blocks
-            task = O.task_losses(student, teacher, batch.target, batch.snr_weight, f_s, f_t,
-                                 global_batch=c.batch_size)
+            l_task, task = ctx.task_loss(batch, (w.denoise, w.distill, w.block), c.batch_size, gates=g)
             # Value: the MACs of the architectures that will be cut (deterministic hard gates; the
             # noisy training gates would misstate them). Gradient: that of the noisy soft gates
             # (the deterministic sigmoid is flat far from the threshold, so it could not move units
@@ -305,8 +254,7 @@ class AptpPruner(Pruner):
             a_all, _ = D.all_gather_rows(a)  # (B, U)
             z_all, _ = D.all_gather_rows(z, keep_grad=False)  # (B, D)
             l_con = contrastive_loss(a_all, z_all, tau=c.contrastive_tau, gather=False)
-            loss = (task.weighted(w.denoise, w.distill, w.block) + w.resource * l_res
-                    + w.spread * l_spread + w.contrastive * l_con)
+            loss = l_task + w.resource * l_res + w.spread * l_spread + w.contrastive * l_con
             if l_code is not None:
                 loss = loss + w.resource * l_code
             opt.zero_grad(set_to_none=True)
@@ -394,18 +342,7 @@ class AptpPruner(Pruner):
         load = torch.bincount(ids, minlength=router.num_experts)  # (K,)
         steps = expert_steps(p.steps, load) if p.split == "by_load" else [p.steps] * router.num_experts
         summary: dict[str, Any] = {"routed_load": load.tolist(), "phase2_steps": steps}
-        losses = {}
-        for k in range(router.num_experts):
-            members = (ids == k).nonzero().flatten()
-            if len(members) == 0:
-                ctx.log(f"expert {k}: no training prompt is routed to it; fine-tuning on all prompts")
-                members = torch.arange(len(ctx.dataset))
-            losses[k] = ctx.finetune_expert(k, archs[k], members, steps=steps[k], batch_size=p.batch_size,
-                                            lr=p.lr * (math.sqrt(p.batch_size) if self.config.scale_lr else 1.0),
-                                            weights=(p.denoise, p.distill, p.block),
-                                            resume=self.config.resume, checkpoint_every=p.checkpoint_every,
-                                            adapter=p.adapter, lora_rank=p.lora_rank, lora_alpha=p.lora_alpha,
-                                            storage=p.storage)
+        losses = finetune_experts(ctx, archs, ids, p, steps, scale_lr=self.config.scale_lr, resume=self.config.resume)
         summary["phase2_distill_before_after"] = losses
         return summary
 
@@ -428,10 +365,11 @@ def bind_seeded(router: LearnedRouter, ctx: TrainContext) -> LearnedRouter:
         return router.bind(ctx.unit_space, ctx.encoder.dim)
 
 
-def sum_gradients(params) -> None:
-    """All-reduce (sum) gradients across processes: every loss is already a global mean."""
-    if not D.is_distributed():
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+def code_router(registry, num_experts: int) -> LearnedRouter:
+    """The router whose codes phase 1 learns when the run's router learns none: the registry's
+    ``ot`` with its defaults and ``num_experts`` codes (it only holds the codes; the run's router routes)."""
+    spec = registry["router"].get("ot")
+    router = spec.build(spec.config_class(num_experts=num_experts))
+    if not isinstance(router, LearnedRouter):
+        raise TypeError(f"the registered router 'ot' ({spec.provider}) is no LearnedRouter; it cannot hold codes.")
+    return router

@@ -42,8 +42,8 @@ import torch
 from aptp.core.errors import ShapeError
 from aptp.pruners import objectives as O
 from aptp.pruners.gating import uniform_architecture
-from aptp.pruners.training import local_rows
-from aptp.routers import distributed as D
+from aptp.pruners import distributed as D
+from aptp.pruners.distributed import local_rows
 
 CODE_BUDGETS = ("uniform", "sensitivity")
 MIN_SLOPE = 1e-3  # b_k floor: a flat or rising error curve gets (almost) no marginal gain

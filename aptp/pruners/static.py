@@ -4,7 +4,6 @@ assignment (magnitude, Taylor, random) at the budget, cut, fine-tune with the de
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -15,8 +14,10 @@ from aptp.core import values
 from aptp.core.interfaces import AssignmentContext, LearnedRouter, Pruner
 from aptp.core.rundir import open_run
 from aptp.latency.resource import check_resource, fit_latency_model, latency_budget, resolve_target_ratio
-from aptp.pruners.aptp import Phase2Config
-from aptp.pruners.training import DataConfig, TrainContext, check_cut_backend
+from aptp.pruners.artefacts import save_bundle
+from aptp.pruners.data import DataConfig
+from aptp.pruners.finetune import Phase2Config, finetune_experts
+from aptp.pruners.training import TrainContext, check_cut_backend
 from aptp.routers._checks import check_enough_prompts
 
 
@@ -96,27 +97,18 @@ class StaticPruner(Pruner):
             def assign(space, ratio: float) -> torch.Tensor:  # (K, U) at a kept-MACs ratio of ``space``
                 return assignment.architectures(AssignmentContext(
                     unit_space=space, num_experts=router.num_experts, target_ratio=ratio,
-                    denoiser=ctx.denoiser, router=router,
-                    extra={"granularities": ctx.granularities, "train_context": ctx, "expert_ids": ids},
+                    denoiser=ctx.denoiser, router=router, granularities=ctx.granularities,
+                    expert_ids=ids, train_context=ctx,
                 ))
 
             latency = fit_latency_model(c.latency_model, ctx) if c.resource == "latency" else None
             c.target_ratio = resolve_target_ratio(c, latency)  # target_ms / the dense model's predicted ms
             archs = (assign(ctx.unit_space, c.target_ratio) if latency is None
                      else latency_budget(assign, ctx.unit_space, c.target_ratio, latency))  # (K, U)
-            losses = {}
-            for k in range(router.num_experts):
-                members = (ids == k).nonzero().flatten()
-                if len(members) == 0:
-                    members = torch.arange(len(ctx.dataset))
-                f = c.finetune
-                losses[k] = ctx.finetune_expert(k, archs[k], members, steps=f.steps, batch_size=f.batch_size,
-                                                lr=f.lr * (math.sqrt(f.batch_size) if c.scale_lr else 1.0),
-                                                weights=(f.denoise, f.distill, f.block), resume=c.resume,
-                                                cut_backend=c.cut_backend, checkpoint_every=f.checkpoint_every,
-                                                adapter=f.adapter, lora_rank=f.lora_rank, lora_alpha=f.lora_alpha,
-                                                storage=f.storage)
-            ctx.save_bundle(router, archs)
+            f = c.finetune
+            losses = finetune_experts(ctx, archs, ids, f, [f.steps] * router.num_experts, scale_lr=c.scale_lr,
+                                      resume=c.resume, cut_backend=c.cut_backend)
+            save_bundle(ctx, router, archs)
         ratios = ctx.unit_space.macs_ratio(archs)
         summary = {} if latency is None else {
             "expert_latency_ratios": [round(float(r), 4) for r in latency.latency_ratio(archs.double())]}

@@ -20,7 +20,9 @@ def test_fidelity_to_the_paper_in_one_small_run(tmp_path, monkeypatch):
     task_losses, contrastive = O.task_losses, aptp_module.contrastive_loss
 
     def task_spy(*args, **kw):
-        callers.append(inspect.stack()[1].function)
+        stack = inspect.stack()
+        assert stack[1].function == "task_loss"  # the one assembly, TrainContext.task_loss ...
+        callers.append(stack[2].function)  # ... called by each procedure's step
         return task_losses(*args, **kw)
 
     def contrastive_spy(a, z, **kw):
@@ -34,7 +36,7 @@ def test_fidelity_to_the_paper_in_one_small_run(tmp_path, monkeypatch):
         "pruner.scale_lr=true", "pruner.phase2.steps=4", "pruner.phase2.checkpoint_every=2",
         "pruner.phase2.lr=0.001", "balancer.rounding=argmax"])
 
-    # one loss function, used by phase 1 (3 steps) and by phase 2 (4 steps for each of 2 experts)
+    # one loss assembly, used by phase 1 (3 steps) and by phase 2 (4 steps for each of 2 experts)
     assert callers.count("phase1") == 3 and callers.count("finetune_expert") == 8, callers
 
     # the contrastive loss sees hard gates weighted by 1/sqrt(group size), not raw logits

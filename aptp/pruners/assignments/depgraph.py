@@ -98,21 +98,18 @@ def unit_scores(space: UnitSpace, granularities: Sequence[Granularity], denoiser
 def _accumulate_gradients(ctx, members: torch.Tensor, batches: int, batch_size: int, salt: int) -> None:
     """dL/dw of the denoising loss on ``batches`` calibration batches of dataset rows ``members``,
     summed into the dense model's ``.grad`` (all processes together)."""
-    from aptp.pruners.training import global_batch_indices
-    from aptp.routers import distributed as D
+    from aptp.pruners import distributed as D
 
     model = ctx.denoiser
     model.zero_grad(set_to_none=True)
     ctx.gates.clear()
     for step in range(batches):
-        idx = global_batch_indices(len(members), batch_size, ctx.seed + salt, step)
+        idx = D.global_batch_indices(len(members), batch_size, ctx.seed + salt, step)
         batch = ctx.batch(idx, 3_000_000 + 1000 * salt + step, subset=members)
         pred = ctx.backbone.denoise(model, batch.x_t, batch.t, batch.text)
         ctx.features.take()  # block features are not needed here
         (O.per_sample_mse(pred, batch.target) * batch.snr_weight).sum().backward()
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad = D.all_reduce_sum(p.grad)
+    D.sum_gradients(model.parameters())
 
 
 class DepGraphImportanceAssignment(Assignment):
@@ -123,7 +120,7 @@ class DepGraphImportanceAssignment(Assignment):
     def architectures(self, context: AssignmentContext) -> torch.Tensor:
         from aptp.pruners.depgraph import dependency_graph
 
-        ctx = context.extra.get("train_context")
+        ctx = context.train_context
         if ctx is None:
             raise ConfigError("depgraph importance needs the dense model and its data: run it through a pruner "
                               "(e.g. pruner=static).")
@@ -139,7 +136,7 @@ class DepGraphImportanceAssignment(Assignment):
         if c.importance != "taylor":
             arch = select()
             return arch.expand(context.num_experts, -1).clone()  # (K, U)
-        ids = context.extra.get("expert_ids")
+        ids = context.expert_ids  # (N,) or None
         frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         model.requires_grad_(True)
         archs = []

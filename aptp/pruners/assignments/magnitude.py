@@ -22,9 +22,10 @@ class MagnitudeConfig:
 
 def magnitude_importance(context: AssignmentContext) -> torch.Tensor:
     """(U,) L2 weight norm per unit; +inf for units whose granularity has no magnitude (kept)."""
-    if context.denoiser is None or "granularities" not in context.extra:
-        raise ConfigError("magnitude importance needs the dense denoiser and its granularities in the context.")
-    by_kind = {g.kind: g for g in context.extra["granularities"]}
+    if context.denoiser is None or not context.granularities:
+        raise ConfigError("magnitude importance needs the dense denoiser and its granularities in the context "
+                          "(AssignmentContext(denoiser=..., granularities=...)).")
+    by_kind = {g.kind: g for g in context.granularities}
     space = context.unit_space
     scores = torch.full((space.size,), float("inf"), dtype=torch.float64)
     for i, group in enumerate(space.groups):

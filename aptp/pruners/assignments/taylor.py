@@ -32,13 +32,12 @@ class TaylorConfig:
 
 def taylor_importance(ctx, members: torch.Tensor, batches: int, batch_size: int, salt: int) -> torch.Tensor:
     """(U,) Taylor importance of every unit on dataset rows ``members``."""
-    from aptp.pruners.training import global_batch_indices
-    from aptp.routers import distributed as D
+    from aptp.pruners import distributed as D
 
     space = ctx.unit_space
     total = torch.zeros(space.size, dtype=torch.float64)
     for step in range(batches):
-        idx = global_batch_indices(len(members), batch_size, ctx.seed + salt, step)
+        idx = D.global_batch_indices(len(members), batch_size, ctx.seed + salt, step)
         batch = ctx.batch(idx, 2_000_000 + 1000 * salt + step, subset=members)
         g = torch.ones(batch.z.shape[0], space.size, requires_grad=True)  # (b, U)
         ctx.gates.set(g)
@@ -57,11 +56,11 @@ class TaylorAssignment(Assignment):
     config_class = TaylorConfig
 
     def architectures(self, context: AssignmentContext) -> torch.Tensor:
-        ctx = context.extra.get("train_context")
+        ctx = context.train_context
         if ctx is None:
             raise ConfigError("taylor importance needs training data: run it through a pruner (e.g. pruner=static).")
         c = self.config
-        ids = context.extra.get("expert_ids")
+        ids = context.expert_ids  # (N,) or None
         archs = []
         for k in range(context.num_experts):
             members = torch.arange(len(ctx.dataset))
