@@ -77,3 +77,19 @@ def test_from_pretrained_refuses_a_cut_expert_rather_than_loading_it_wrongly(sav
     folder, _, _, _ = saved_expert
     with pytest.raises(Exception, match="(?i)size|shape|mismatch"):
         UNet2DConditionModel.from_pretrained(folder)
+
+
+def test_load_expert_looks_names_up_in_the_registry_it_is_given(saved_expert, tiny_inputs, monkeypatch):
+    """The registry is passed down (RoutedPipeline.from_run -> load_expert), not fetched from a global."""
+    import aptp.core.plugins as plugins
+
+    folder, expert, _, _ = saved_expert
+    registry = plugins.load_registry()
+
+    def no_global():
+        raise AssertionError("load_expert fetched default_registry() although it was given a registry")
+
+    monkeypatch.setattr(plugins, "default_registry", no_global)
+    loaded = load_expert(folder, registry=registry)
+    x, t, text = tiny_inputs
+    assert torch.equal(_run(loaded, x, t, text), _run(expert, x, t, text))
