@@ -102,7 +102,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     out = Path(args.output_dir or f"runs/{name}")
     cells = {cell: list(args.set or []) + [f"{k}={v}" for k, v in values.items()]
              for cell, values in spec["cells"].items()}
-    result = compare(args.experiment, cells, eval_cfg, out, grid=spec)
+    result = compare(args.experiment, cells, eval_cfg, out, grid=spec, reuse_evaluations=args.reuse_evaluations)
     print(f"report: {result['report']}")
     print(f"ablation: {result['ablation']}")
     return 0
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", nargs="*", metavar="KEY=VALUE", help="evaluation settings (prompts_per_kind=16 sample_seeds=[0,1] steps=10 ...; see aptp.harness.EvalConfig)")
     p.add_argument("--name", help="name of the ablation (default: EXPERIMENT-ablation)")
     p.add_argument("--output-dir", metavar="DIR", help="default: runs/<name>")
+    p.add_argument("--reuse-evaluations", action="store_true",
+                   help="as in `aptp compare`: reuse an unchanged cell's previous evaluation when dense reproduces "
+                   "its previous per-prompt rows exactly (cells added to a grid are then the only ones generated)")
     p.set_defaults(func=_cmd_ablate)
 
     for module in _external_modules():

@@ -117,8 +117,9 @@ def test_ablate_cli_two_cells_resumes_and_refuses_a_changed_config(tmp_path, cap
                 if p.name == "summary.json" or p.suffix == ".safetensors"}
 
     finished = outputs()
-    assert main(args) == 0  # resumable: nothing is trained again
+    assert main(args + ["--reuse-evaluations"]) == 0  # resumable: nothing is trained again, nor evaluated
     assert outputs() == finished
+    assert json.loads((out / "results.json").read_text())["reused"] == [r["model"] for r in rows[1:]]
     changed = [a if a != "pruner.progress=false" else "pruner.phase2.steps=3" for a in args]
     assert main(changed) == 2  # a changed config: refused in one line, nothing rewritten
     assert "holds results of a different run (pruner.phase2.steps: 2 → 3)" in capsys.readouterr().err
