@@ -170,7 +170,7 @@ def check_backbone(backbone: Any, batch: int = 2) -> dict[str, Any]:
     assert tuple(out.shape) == (batch, c, h, w), (
         f"denoise must return (B, C, H, W) = {(batch, c, h, w)}, got {tuple(out.shape)}")
     macs = trace(denoiser, cond).total_macs
-    assert macs > 0, "tracing the denoiser found no MACs: aptp calls it as denoiser(sample, t, encoder_hidden_states=text)"
+    assert macs > 0, "tracing the denoiser found no MACs: aptp calls it through backbone.trace_call (default: denoise); check that conditioning() passes call=self.trace_call"
     return {"params": [(n, tuple(p.shape)) for n, p in denoiser.named_parameters()],
             "num_params": count_params(denoiser), "macs": macs,
             "features": len(backbone.feature_modules(denoiser))}

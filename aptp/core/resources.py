@@ -186,7 +186,6 @@ def attention_types() -> tuple[type, ...]:
     return tuple(_KEY_LENGTHS)
 
 
-_attention_types = attention_types  # the name the attention-heads granularity imports
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -62,7 +62,7 @@ def cut_with_torch_pruning(denoiser: nn.Module, space: UnitSpace, granularities:
         raise ShapeError(f"cut_with_torch_pruning takes one architecture of shape ({space.size},), "
                          f"got {tuple(arch.shape)}; cut each expert separately.")
     space.check(arch)
-    keep = arch.detach().cpu() >= 0.5  # (U,) bool
+    keep = space.normalise(arch.detach().cpu().float()) >= 0.5  # (U,) bool; below a group's min_kept: none
     kinds = _by_kind(granularities)
     cuts = []  # (group, dropped units (n,) bool)
     for i, grp in enumerate(space.groups):

@@ -80,7 +80,7 @@ def architectures(space, denoiser, grans, model, seed: int = 0) -> list[tuple[st
         a[depth] = (torch.rand(int(depth.sum()), generator=g) < 0.5 + p / 2).float()  # blocks drop less often
         out.append((f"random {p}", a, None))
     ctx = AssignmentContext(unit_space=space, num_experts=1, target_ratio=0.6, denoiser=denoiser,
-                            extra={"granularities": grans})
+                            granularities=grans)
     importance = magnitude_importance(ctx)
     for r in (0.8, 0.6, 0.4):
         out.append((f"magnitude macs {r}", select_at_budget(space, importance, r), None))

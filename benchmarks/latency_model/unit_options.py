@@ -64,7 +64,7 @@ def main() -> None:
         try:
             ctx = AssignmentContext(**common, granularities=grans)
         except TypeError:  # before AssignmentContext had a granularities field
-            ctx = AssignmentContext(**common, extra={"granularities": grans})
+            ctx = AssignmentContext(**common, granularities=grans)
         imp = magnitude_importance(ctx)
         for budget in (0.8, 0.6, 0.4):
             arch = select_at_budget(space, imp, budget)

@@ -63,9 +63,9 @@ class AttentionHeadsConfig:
 
 
 def _attentions(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
-    from aptp.core.resources import _attention_types
+    from aptp.core.resources import attention_types
 
-    return [(p, m) for p, m in denoiser.named_modules() if isinstance(m, _attention_types())]
+    return [(p, m) for p, m in denoiser.named_modules() if isinstance(m, attention_types())]
 
 
 def _head_dim(attn: nn.Module) -> int:
