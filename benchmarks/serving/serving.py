@@ -38,10 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _world import K, architectures, world_backbone  # noqa: E402
 
 from aptp.core.plugins import default_registry  # noqa: E402
-try:  # the world's data module (moved from aptp.data.world to aptp.world.data)
-    from aptp.world.data import World, WorldConfig  # noqa: E402
-except ImportError:
-    from aptp.data.world import World, WorldConfig  # noqa: E402
+from aptp.world.data import World, WorldConfig  # noqa: E402
 from aptp.pipeline import RoutedPipeline  # noqa: E402
 from aptp.pruners.expert import LowRank, SharedExpert, _Entry, slice_map  # noqa: E402
 from aptp.pruners.gating import cut_model  # noqa: E402
