@@ -47,9 +47,22 @@ __all__ = [
     "diffusers_call",
     "diffusers_model_from_config",
     "load_denoiser_files",
+    "min_snr_weights",
     "register_diffusers_macs",
     "save_denoiser_files",
 ]
+
+
+# ------------------------------------------------------------------------------------------ Min-SNR
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) from SNR(t) (B,): epsilon: min(SNR, g) / SNR;
+    v-prediction: min(SNR, g) / (SNR + 1); sample: min(SNR, g)."""
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    return clipped
 
 
 # ------------------------------------------------------------------------------------------ backbone
@@ -129,11 +142,33 @@ class DiffusersBackbone(Backbone):
             raise ShapeError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
         return latents
 
+    # --- training: noising, target, loss weights ----------------------------------------------
+    def add_noise(self, scheduler: Any, x0: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+        """The scheduler's own ``add_noise``: ``sqrt(a_t) x0 + sqrt(1 - a_t) eps`` (B, C, H, W)."""
+        return scheduler.add_noise(x0, noise, timesteps)
+
+    def prediction_type(self, scheduler: Any) -> str:
+        """What the denoiser predicts (``epsilon``, ``v_prediction`` or ``sample``): the scheduler's."""
+        return scheduler.config.prediction_type
+
+    def snr(self, scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+        """SNR(t) = a_t / (1 - a_t), (B,) float32, from the scheduler's ``alphas_cumprod`` (T,)."""
+        a = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()  # (B,)
+        return a / (1 - a)
+
+    def loss_weights(self, scheduler: Any, timesteps: torch.Tensor,
+                     min_snr_gamma: float | None) -> torch.Tensor:
+        """:func:`min_snr_weights` of :meth:`snr` for :meth:`prediction_type` (B,)."""
+        if min_snr_gamma is None or min_snr_gamma <= 0:
+            return torch.ones(timesteps.shape[0], device=timesteps.device)
+        return min_snr_weights(self.snr(scheduler, timesteps), min_snr_gamma, self.prediction_type(scheduler))
+
     def training_target(self, scheduler: Any, x0: torch.Tensor, noise: torch.Tensor,
                         timesteps: torch.Tensor) -> torch.Tensor:
         """By the scheduler's ``prediction_type``: ``epsilon`` -> noise, ``v_prediction`` ->
         ``scheduler.get_velocity(x0, noise, t)``, ``sample`` -> x0."""
-        kind = scheduler.config.prediction_type
+        kind = self.prediction_type(scheduler)
         if kind == "epsilon":
             return noise
         if kind == "v_prediction":

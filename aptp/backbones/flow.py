@@ -1,6 +1,7 @@
-"""What the rectified-flow backbones (``sd3``, ``flux``) share: the flow-matching scheduler seen by
-aptp's training loop, the packing of pooled + sequence text states into one tensor, VAE latents with
-a shift, tiny text encoders for tests, and sampling through the model's stock diffusers pipeline.
+"""What the rectified-flow backbones (``sd3``, ``flux``) share: training in rectified-flow terms
+(noising, velocity target, Min-SNR weights), the packing of pooled + sequence text states into one
+tensor, VAE latents with a shift, tiny text encoders for tests, and sampling through the model's
+stock diffusers pipeline.
 
 Rectified flow (Esser et al. 2024, arXiv 2403.03206): ``x_t = (1 - sigma) x0 + sigma eps`` with
 ``sigma = t / 1000``; the denoiser predicts the velocity ``v = eps - x0``. aptp's timestep convention
@@ -53,8 +54,11 @@ def unpack_text(text: torch.Tensor, pooled_dim: int) -> tuple[torch.Tensor, torc
 
 # ------------------------------------------------------------------------------------- scheduler
 def flow_scheduler(config: dict[str, Any]) -> Any:
-    """A :class:`FlowMatchTrainingScheduler` from a ``FlowMatchEulerDiscreteScheduler`` config."""
-    return _training_scheduler_class().from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` from its config (the noising, target and loss
+    weights of training come from :class:`FlowBackbone`, not from the scheduler)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
 def stock_scheduler(scheduler: Any) -> Any:
@@ -64,54 +68,10 @@ def stock_scheduler(scheduler: Any) -> Any:
     return FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler._internal_dict))
 
 
-_CLASS: list[type] = []
-
-
-def _training_scheduler_class() -> type:
-    """``FlowMatchTrainingScheduler``, defined on first use (diffusers is imported lazily)."""
-    if _CLASS:
-        return _CLASS[0]
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.configuration_utils import FrozenDict
-
-    class FlowMatchTrainingScheduler(FlowMatchEulerDiscreteScheduler):
-        """diffusers' ``FlowMatchEulerDiscreteScheduler`` (sampling unchanged) plus what aptp's
-        training loop asks a scheduler for, in rectified-flow terms (``sigma = t / T``, T =
-        ``num_train_timesteps``, integer ``t`` drawn uniformly: uniform sigma sampling):
-
-        * ``add_noise(x0, eps, t) = (1 - sigma) x0 + sigma eps``;
-        * ``config.prediction_type == 'v_prediction'`` and ``get_velocity(x0, eps, t) = eps - x0``: the
-          flow-matching target *is* a velocity, d x_t / d sigma (the target itself comes from
-          :meth:`FlowBackbone.training_target`; Min-SNR weighting reads the prediction type);
-        * ``alphas_cumprod``: the variance-preserving noise level with the same signal-to-noise ratio,
-          ``SNR = ((1 - sigma) / sigma)^2`` (Min-SNR weighting reads it).
-        """
-
-        @property
-        def config(self) -> FrozenDict:
-            return FrozenDict({**self._internal_dict, "prediction_type": "v_prediction"})
-
-        def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-            s = t.to(device=like.device, dtype=torch.float32) / self._internal_dict["num_train_timesteps"]
-            return s.view(-1, *[1] * (like.dim() - 1)).to(like.dtype)  # (B, 1, ..., 1)
-
-        def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
-                      timesteps: torch.Tensor) -> torch.Tensor:
-            s = self._sigma(timesteps, original_samples)
-            return (1 - s) * original_samples + s * noise
-
-        def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return noise - sample
-
-        @property
-        def alphas_cumprod(self) -> torch.Tensor:
-            n = self._internal_dict["num_train_timesteps"]
-            s = torch.arange(n, dtype=torch.float64) / n  # (T,)
-            a = (1 - s) ** 2 / ((1 - s) ** 2 + s ** 2)  # SNR = a / (1 - a) = ((1 - s) / s)^2
-            return a.float()
-
-    _CLASS.append(FlowMatchTrainingScheduler)
-    return FlowMatchTrainingScheduler
+def _sigma(scheduler: Any, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """sigma = t / T broadcast to ``like`` (B, 1, ..., 1), T = ``num_train_timesteps``."""
+    s = t.to(device=like.device, dtype=torch.float32) / scheduler.config.num_train_timesteps
+    return s.view(-1, *[1] * (like.dim() - 1)).to(like.dtype)
 
 
 # ------------------------------------------------------------------------------------------ VAE
@@ -322,11 +282,31 @@ class FlowBackbone(DiffusersBackbone):
     def decode(self, modules: BackboneModules, sample: torch.Tensor) -> torch.Tensor:
         return decode(modules.vae, sample)
 
+    # --- training in rectified-flow terms (sigma = t / T, integer t drawn uniformly) ------------
+    def add_noise(self, scheduler: Any, x0: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+        """``x_t = (1 - sigma) x0 + sigma eps`` (B, C, H, W), sigma = t / T."""
+        s = _sigma(scheduler, timesteps, x0)  # (B, 1, 1, 1)
+        return (1 - s) * x0 + s * noise
+
     def training_target(self, scheduler: Any, x0: torch.Tensor, noise: torch.Tensor,
                         timesteps: torch.Tensor) -> torch.Tensor:
         """The rectified-flow velocity ``v = eps - x0`` (B, C, H, W): d x_t / d sigma of
         ``x_t = (1 - sigma) x0 + sigma eps``, what the transformer predicts."""
         return noise - x0
+
+    def prediction_type(self, scheduler: Any) -> str:
+        """``v_prediction`` for Min-SNR weighting: the flow-matching target is a velocity."""
+        return "v_prediction"
+
+    def snr(self, scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+        """SNR(t) = ((1 - sigma) / sigma)^2, (B,) float32, through the variance-preserving noise
+        level with the same ratio, ``a = (1 - s)^2 / ((1 - s)^2 + s^2)`` (T,), SNR = a / (1 - a)."""
+        n = scheduler.config.num_train_timesteps
+        s = torch.arange(n, dtype=torch.float64) / n  # (T,)
+        a = ((1 - s) ** 2 / ((1 - s) ** 2 + s ** 2)).float()  # (T,)
+        a = a.to(timesteps.device)[timesteps].float()  # (B,)
+        return a / (1 - a)
 
     # --- parts ------------------------------------------------------------------------------------
     def _text(self, device: str | torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -154,11 +154,26 @@ class Backbone(Component, abc.ABC):
         is the initial noise; drawn from ``generator`` when not given. No gradients."""
 
     @abc.abstractmethod
+    def add_noise(self, scheduler: Any, x0: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+        """The noisy sample the denoiser sees at training timestep t: x0, noise (B, C, H, W),
+        timesteps (B,) long in ``[0, scheduler.config.num_train_timesteps)`` -> x_t (B, C, H, W)
+        (``sqrt(a_t) x0 + sqrt(1 - a_t) eps`` for DDPM-family schedules, ``(1 - sigma) x0 + sigma eps``
+        for rectified flow)."""
+
+    @abc.abstractmethod
     def training_target(self, scheduler: Any, x0: torch.Tensor, noise: torch.Tensor,
                         timesteps: torch.Tensor) -> torch.Tensor:
-        """What the denoiser is trained to predict at ``x_t = scheduler.add_noise(x0, noise, t)``:
+        """What the denoiser is trained to predict at ``x_t = add_noise(scheduler, x0, noise, t)``:
         x0, noise (B, C, H, W), timesteps (B,) -> target (B, C, H, W) (noise for epsilon prediction,
         the velocity for v-prediction and flow matching)."""
+
+    @abc.abstractmethod
+    def loss_weights(self, scheduler: Any, timesteps: torch.Tensor,
+                     min_snr_gamma: float | None) -> torch.Tensor:
+        """Per-sample weights (B,) of the denoising loss at ``timesteps`` (B,): Min-SNR-gamma
+        (Hang et al. 2023) in the terms of this backbone's noise schedule and training target; ones
+        when ``min_snr_gamma`` is None or <= 0."""
 
     # --- experts on disk --------------------------------------------------------------------------
     @abc.abstractmethod

@@ -1,5 +1,5 @@
-"""Task losses shared by the pruning procedures: denoising (epsilon / v-prediction with Min-SNR
-weighting), output distillation and block-feature distillation from the dense teacher."""
+"""Task losses shared by the pruning procedures: denoising (weighted per sample by the backbone's
+``loss_weights``, Min-SNR), output distillation and block-feature distillation from the dense teacher."""
 
 from __future__ import annotations
 
@@ -9,24 +9,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def min_snr_weights(scheduler, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
-    """Per-sample loss weights (B,) of Min-SNR-gamma (Hang et al. 2023); ones when gamma is None.
-
-    SNR(t) = alpha_bar / (1 - alpha_bar); epsilon: min(SNR, g) / SNR; v: min(SNR, g) / (SNR + 1).
-    """
-    if gamma is None or gamma <= 0:
-        return torch.ones(t.shape[0], device=t.device)
-    a = scheduler.alphas_cumprod.to(t.device)[t].float()  # (B,)
-    snr = a / (1 - a)
-    clipped = snr.clamp(max=gamma)
-    kind = scheduler.config.prediction_type
-    if kind == "v_prediction":
-        return clipped / (snr + 1)
-    if kind == "epsilon":
-        return clipped / snr
-    return clipped
 
 
 def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

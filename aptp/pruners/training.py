@@ -161,10 +161,10 @@ class TrainContext:
             captions=captions,
             z=self.encoder.encode(captions).to(device),
             text=self.backbone.encode_prompts(self.modules, captions).to(device, dtype),
-            x_t=scheduler.add_noise(x0, noise, t),
+            x_t=self.backbone.add_noise(scheduler, x0, noise, t),
             t=t,
             target=self.backbone.training_target(scheduler, x0, noise, t),
-            snr_weight=O.min_snr_weights(scheduler, t, self.min_snr_gamma),
+            snr_weight=self.backbone.loss_weights(scheduler, t, self.min_snr_gamma),
         )
 
     # --- the loss both procedures train with ---------------------------------------------------

@@ -83,15 +83,20 @@ def test_text_and_latents_pack_as_the_pipelines_do():
     assert torch.equal(unpack_latents(packed, 6, 8), x)
 
 
-def test_flow_scheduler_gives_the_rectified_flow_training_view():
-    sched = SD3Backbone(SD3BackboneConfig())._scheduler()
+def test_flow_backbones_give_the_rectified_flow_training_view():
+    backbone = SD3Backbone(SD3BackboneConfig())
+    sched = backbone._scheduler()
+    assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler"  # diffusers' own, no stand-in
     x0, eps, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0, 500, 999])
     s = (t / 1000.0).view(-1, 1, 1, 1)
-    assert torch.allclose(sched.add_noise(x0, eps, t), (1 - s) * x0 + s * eps)
-    assert sched.config.prediction_type == "v_prediction" and torch.equal(sched.get_velocity(x0, eps, t), eps - x0)
-    a = sched.alphas_cumprod
-    snr = a[500] / (1 - a[500])
-    assert a.shape == (1000,) and float(a[0]) == 1.0 and math.isclose(float(snr), 1.0, rel_tol=1e-5)
+    assert torch.allclose(backbone.add_noise(sched, x0, eps, t), (1 - s) * x0 + s * eps)
+    assert torch.equal(backbone.training_target(sched, x0, eps, t), eps - x0)
+    snr = backbone.snr(sched, t)  # ((1 - sigma) / sigma)^2
+    assert math.isinf(float(snr[0])) and math.isclose(float(snr[1]), 1.0, rel_tol=1e-5)
+    assert math.isclose(float(snr[2]), (0.001 / 0.999) ** 2, rel_tol=1e-3)
+    w = backbone.loss_weights(sched, t, 5.0)  # Min-SNR for a velocity target: min(SNR, 5) / (SNR + 1)
+    assert torch.allclose(w, torch.tensor([0.0, 0.5, float(snr[2] / (snr[2] + 1))]))
+    assert torch.equal(backbone.loss_weights(sched, t, None), torch.ones(3))
     assert type(flow.stock_scheduler(sched)).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
@@ -246,7 +251,7 @@ def test_sd3_loads_a_saved_pipeline_folder(loaded, tmp_path):
     assert again.conditioning() == Conditioning((4, 8, 8), 1 + 16 + 16, 64)  # the saved CLIP tokenizer's length
     for (n, a), (_, b) in zip(modules.denoiser.state_dict().items(), parts.denoiser.state_dict().items()):
         assert torch.equal(a, b), n
-    assert type(parts.scheduler).__name__ == "FlowMatchTrainingScheduler" and parts.extra["text_encoder_3"] is not None
+    assert type(parts.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and parts.extra["text_encoder_3"] is not None
     prompts = ["a red circle", "two small blue squares on the left"]
     assert torch.allclose(again.encode_prompts(parts, prompts), backbone.encode_prompts(modules, prompts), atol=1e-5)
 
