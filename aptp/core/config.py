@@ -32,19 +32,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from aptp.core.errors import ConfigError, did_you_mean
-from aptp.core.registry import ComponentSpec, Registry
+from aptp.core.registry import KIND_TABLE, ComponentSpec, Registry
 
-#: slot in an experiment -> (component kind, whether the slot holds a list of components)
-SLOTS: dict[str, tuple[str, bool]] = {
-    "backbone": ("backbone", False),
-    "granularity": ("granularity", True),
-    "encoder": ("encoder", False),
-    "balancer": ("balancer", False),
-    "router": ("router", False),
-    "assignment": ("assignment", False),
-    "pruner": ("pruner", False),
-    "metrics": ("metric", True),
-}
+#: slot in an experiment -> (component kind, whether the slot holds a list of components), from the
+#: one table of kinds (:data:`aptp.core.registry.KIND_TABLE`)
+SLOTS: dict[str, tuple[str, bool]] = {k.slot: (k.name, k.many) for k in KIND_TABLE if k.slot is not None}
 CONFIG_PATH_ENV = "APTP_CONFIG_PATH"
 #: aptp's own presets (``configs/`` of the source tree)
 BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"

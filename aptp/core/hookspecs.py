@@ -16,7 +16,9 @@ A plugin is a module (or object) with functions named like the hooks below, deco
 
 aptp's own built-ins are registered the same way (see ``[project.entry-points.aptp]`` in aptp's
 ``pyproject.toml``). Every hook receives the :class:`~aptp.core.registry.KindRegistry` of one
-component kind; call ``registry.add(name, factory)`` once per component.
+component kind; call ``registry.add(name, factory)`` once per component. The kinds, their hooks,
+base classes and experiment slots are declared once, in :data:`aptp.core.registry.KIND_TABLE`; a new
+kind is a row there and its hookspec here.
 """
 
 from __future__ import annotations

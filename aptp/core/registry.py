@@ -14,18 +14,44 @@ from typing import Any
 
 from aptp.core.errors import DuplicateComponentError, UnknownComponentError, did_you_mean
 
+@dataclass(frozen=True)
+class Kind:
+    """One kind of component: the one declaration the hook names, the registries' base classes,
+    the experiment slots and the CLI's ``aptp list`` derive from (:data:`KIND_TABLE`)."""
+
+    name: str  # "granularity": the registry key, ``registry["granularity"]``
+    plural: str  # "granularities": the hook is ``aptp_register_<plural>`` (:mod:`aptp.core.hookspecs`)
+    base: str  # "aptp.core.interfaces.Granularity": the class every factory of this kind subclasses
+    slot: str | None = None  # the experiment key that names components of this kind; None: not composed
+    many: bool = False  # whether that slot holds a list of components
+
+    @property
+    def hook(self) -> str:
+        return f"aptp_register_{self.plural}"
+
+    def base_class(self) -> type:
+        import importlib
+
+        module, _, attr = self.base.rpartition(".")
+        return getattr(importlib.import_module(module), attr)
+
+
+#: Every component kind, in registration (and listing) order. A new kind is one row here plus its
+#: hookspec (``aptp_register_<plural>``, a test holds the two equal).
+KIND_TABLE: tuple[Kind, ...] = (
+    Kind("backbone", "backbones", "aptp.core.interfaces.Backbone", slot="backbone"),
+    Kind("granularity", "granularities", "aptp.core.interfaces.Granularity", slot="granularity", many=True),
+    Kind("encoder", "encoders", "aptp.core.interfaces.PromptEncoder", slot="encoder"),
+    Kind("balancer", "balancers", "aptp.core.interfaces.Balancer", slot="balancer"),
+    Kind("router", "routers", "aptp.core.interfaces.Router", slot="router"),
+    Kind("assignment", "assignments", "aptp.core.interfaces.Assignment", slot="assignment"),
+    Kind("pruner", "pruners", "aptp.core.interfaces.Pruner", slot="pruner"),
+    Kind("metric", "metrics", "aptp.core.interfaces.Metric", slot="metrics", many=True),
+    # chosen by name inside a pruner's section (``pruner.latency_model.name``), not an experiment slot
+    Kind("latency_model", "latency_models", "aptp.latency.base.LatencyModel"),
+)
 #: kind -> name of the hook that registers components of that kind.
-HOOKS: dict[str, str] = {
-    "backbone": "aptp_register_backbones",
-    "granularity": "aptp_register_granularities",
-    "encoder": "aptp_register_encoders",
-    "balancer": "aptp_register_balancers",
-    "router": "aptp_register_routers",
-    "assignment": "aptp_register_assignments",
-    "pruner": "aptp_register_pruners",
-    "metric": "aptp_register_metrics",
-    "latency_model": "aptp_register_latency_models",
-}
+HOOKS: dict[str, str] = {k.name: k.hook for k in KIND_TABLE}
 KINDS: tuple[str, ...] = tuple(HOOKS)
 
 
@@ -139,21 +165,7 @@ class Registry(Mapping[str, KindRegistry]):
     """Every kind's registry. Get one from :func:`aptp.core.plugins.load_registry`."""
 
     def __init__(self) -> None:
-        from aptp.core import interfaces
-        from aptp.latency.base import LatencyModel
-
-        bases = {
-            "backbone": interfaces.Backbone,
-            "granularity": interfaces.Granularity,
-            "encoder": interfaces.PromptEncoder,
-            "balancer": interfaces.Balancer,
-            "router": interfaces.Router,
-            "assignment": interfaces.Assignment,
-            "pruner": interfaces.Pruner,
-            "metric": interfaces.Metric,
-            "latency_model": LatencyModel,
-        }
-        self._kinds = {kind: KindRegistry(kind, bases[kind]) for kind in KINDS}
+        self._kinds = {k.name: KindRegistry(k.name, k.base_class()) for k in KIND_TABLE}
 
     def __getitem__(self, kind: str) -> KindRegistry:
         try:

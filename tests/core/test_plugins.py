@@ -3,7 +3,7 @@ import pytest
 from aptp.core.errors import DuplicateComponentError, PluginError, UnknownComponentError
 from aptp.core.hookspecs import hookimpl
 from aptp.core.plugins import BLOCK_ENV, default_registry, load_registry, make_plugin_manager
-from aptp.core.registry import KINDS
+from aptp.core.registry import KIND_TABLE
 
 from adhoc_plugin import AdHocPlugin, ProjectionRouter
 
@@ -94,8 +94,8 @@ def test_registration_rejects_wrong_types():
 
 def test_every_kind_has_a_hook():
     pm = make_plugin_manager()
-    for kind in KINDS:
-        assert hasattr(pm.hook, f"aptp_register_{'granularitie' if kind == 'granularity' else kind}s")
+    for kind in KIND_TABLE:
+        assert hasattr(pm.hook, kind.hook)
 
 
 def test_plugins_ship_presets_through_aptp_config_dirs(tmp_path, monkeypatch):
