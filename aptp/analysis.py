@@ -164,7 +164,7 @@ class RoutingAnalysis:
 def analyze(bundle_or_dir: Any, prompts: Any, labels: Mapping[str, Sequence[str]] | None = None, *,
             label_columns: Sequence[str] | None = None, max_prompts: int | None = None,
             top_words: int = 8, examples: int = 3, map_method: str = "pca", seed: int = 0,
-            progress: bool | None = None) -> RoutingAnalysis:
+            progress: bool | None = None, registry: Any = None) -> RoutingAnalysis:
     """Route ``prompts`` with a router bundle and measure what the experts stand for.
 
     Args:
@@ -180,6 +180,8 @@ def analyze(bundle_or_dir: Any, prompts: Any, labels: Mapping[str, Sequence[str]
         map_method: "pca" or "tsne" for the 2-D map of the embeddings.
         seed: seeds the sub-sample and t-SNE.
         progress: tqdm bar while encoding (None: only on a terminal, for many prompts).
+        registry: the components a bundle folder is rebuilt from and a router's name is looked up
+            in (default: the installed plugins').
     """
     from aptp.data.prompts import PromptTable, read_prompt_table
     from aptp.routers.bundle import RouterBundle, load_router_bundle
@@ -214,12 +216,16 @@ def analyze(bundle_or_dir: Any, prompts: Any, labels: Mapping[str, Sequence[str]
             prompts = [prompts[i] for i in keep]
             labels = {c: [v[i] for i in keep] for c, v in labels.items()}
 
+    if registry is None:
+        from aptp.core.plugins import default_registry
+
+        registry = default_registry()
     source = ""
     if isinstance(bundle_or_dir, RouterBundle):
         bundle = bundle_or_dir
     elif isinstance(bundle_or_dir, (str, Path)):
         source = str(bundle_or_dir)
-        bundle = load_router_bundle(bundle_or_dir)
+        bundle = load_router_bundle(bundle_or_dir, registry)
     else:
         raise ConfigError(f"analyze needs a RouterBundle or a bundle folder, got {type(bundle_or_dir).__name__}; "
                           "save a router with save_router_bundle(dir, encoder, router) and pass dir.")
@@ -254,18 +260,16 @@ def analyze(bundle_or_dir: Any, prompts: Any, labels: Mapping[str, Sequence[str]
 
     label_results = {c: _label_analysis(c, values, ids, K, kept) for c, values in labels.items()}
     xy, map_note = embedding_map(z.numpy(), map_method, seed=seed)
-    return RoutingAnalysis(_router_name(bundle), source, K, list(prompts), ids.tolist(), load.tolist(), kept, experts,
+    return RoutingAnalysis(_router_name(bundle, registry), source, K, list(prompts), ids.tolist(), load.tolist(), kept, experts,
                            label_results, map_method, xy, map_note, notes)
 
 
-def _router_name(bundle: Any) -> str:
-    """The router's registered name: from bundle.json, else looked up in the registry, else its class name."""
+def _router_name(bundle: Any, registry: Any) -> str:
+    """The router's registered name: from bundle.json, else looked up in ``registry``, else its class name."""
     name = bundle.info.get("router", {}).get("name")
     if name:
         return str(name)
-    from aptp.core.plugins import default_registry
-
-    for spec in default_registry()["router"]:
+    for spec in registry["router"]:
         if spec.factory is type(bundle.router):
             return spec.name
     return type(bundle.router).__name__

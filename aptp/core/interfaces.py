@@ -17,7 +17,7 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -359,6 +359,29 @@ class LearnedRouter(Router):
 
 
 # ---------------------------------------------------------------------------- assignment / prune
+@runtime_checkable
+class TrainingView(Protocol):
+    """What data-driven assignments (``taylor``, ``depgraph``) read from a pruner's training context
+    (:class:`aptp.pruners.training.TrainContext` implements it): the frozen dense model with gates
+    installed, its training data and seeded batches."""
+
+    backbone: Backbone  # calls the denoiser: backbone.denoise(denoiser, x_t, t, text)
+    denoiser: nn.Module  # the dense denoiser, gates installed
+    unit_space: UnitSpace
+    granularities: Sequence[Granularity]  # the granularities that made unit_space
+    gates: Any  # gates.set(g) with g (b, U) on every unit group; gates.clear() runs ungated
+    features: Any  # features.take() -> the block outputs recorded since the last take
+    dataset: Any  # len(dataset) training rows
+    seed: int
+    state: Any  # the accelerate state; state.device is this process's device
+
+    def batch(self, global_indices: torch.Tensor, step: int, subset: torch.Tensor | None = None) -> Any:
+        """This process's rows of a seeded global batch: x_t, t, text, target, snr_weight (b, ...)."""
+
+    def example_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample, timestep, text) of batch 1 for tracing the denoiser."""
+
+
 @dataclass
 class AssignmentContext:
     """What an assignment may look at to choose each expert's architecture. A pruner fills what it
@@ -371,10 +394,9 @@ class AssignmentContext:
     router: Router | None = None
     granularities: Sequence[Granularity] = ()  # the granularities that made unit_space (one per kind)
     expert_ids: torch.Tensor | None = None  # (N,) the expert each training row is routed to
-    # The dense model with gates installed and its training data (an aptp.pruners.training.TrainContext:
-    # batch(), gates, features, denoiser, dataset, seed, example_inputs()), for data-driven criteria
-    # (taylor, depgraph); None outside a pruner.
-    train_context: Any = None
+    # the dense model with gates installed and its training data, for data-driven criteria (taylor,
+    # depgraph); None outside a pruner
+    train_context: TrainingView | None = None
 
 
 class Assignment(Component, abc.ABC):

@@ -35,6 +35,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from aptp.core.errors import ConfigError, OutputError, RunLockedError
+from aptp.core.registry import Registry
 
 FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".aptp.lock"
@@ -64,17 +65,23 @@ def canonical_config(config: DictConfig | dict) -> dict[str, Any]:
     return {k: _strip(v) for k, v in plain.items() if k not in NON_RESULT_TOP_KEYS}
 
 
-def component_versions(config: DictConfig | dict, registry=None) -> dict[str, str]:
+def _or_installed(registry: Registry | None) -> Registry:
+    """``registry``, or the installed plugins' where a top-level caller (open_run, fingerprint,
+    check_run_folder) was given none; the helpers below take the registry they are passed."""
+    if registry is not None:
+        return registry
+    from aptp.core.plugins import default_registry
+
+    return default_registry()
+
+
+def component_versions(config: DictConfig | dict, registry: Registry) -> dict[str, str]:
     """``{distribution: version}`` of aptp and of every plugin distribution providing a component
     the config names (an unrelated plugin installed later does not change a run's fingerprint)."""
     from aptp import __version__
     from aptp.core.config import SLOTS
 
     versions = {"aptp": __version__}
-    if registry is None:
-        from aptp.core.plugins import default_registry
-
-        registry = default_registry()
     for slot, (kind, _) in SLOTS.items():
         node = config.get(slot) if config is not None else None
         if node is None:
@@ -142,7 +149,7 @@ def _describe_code(code: Any) -> str:
 def fingerprint(config: DictConfig | dict, registry=None) -> dict[str, Any]:
     """What :data:`FINGERPRINT_FILE` holds: ``sha256`` over the canonical config and the versions,
     and the code revision (:func:`code_revision`; information only, outside the hash)."""
-    body = {"config": canonical_config(config), "versions": component_versions(config, registry)}
+    body = {"config": canonical_config(config), "versions": component_versions(config, _or_installed(registry))}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return {"format": FORMAT, "sha256": digest, **body, "code": code_revision()}
 
@@ -189,6 +196,7 @@ def check_run_folder(directory: str | Path, config: DictConfig, registry=None, h
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"output folder {directory} is a file; choose another --output-dir.")
+    registry = _or_installed(registry)
     new = fingerprint(config, registry)
     path = directory / FINGERPRINT_FILE
     if path.is_file():
@@ -231,13 +239,12 @@ def _readable_config(source: Path | DictConfig, registry, where: str | None = No
     """The validated config of an older run (its ``config.yaml``, or a config node) with the
     defaults of today filled in, or None."""
     from aptp.core.config import validate
-    from aptp.core.plugins import default_registry
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             raw = OmegaConf.load(source) if isinstance(source, Path) else source
-            return validate(raw, registry or default_registry(), where or str(source))
+            return validate(raw, registry, where or str(source))
     except Exception:  # an older or foreign format: adopt with a warning rather than guess
         return None
 
@@ -374,7 +381,7 @@ def open_run(directory: str | Path, config: DictConfig, registry=None, restart: 
     its results come from another config (nothing written before), adopt an older run's results
     with a warning, remove a killed run's temporaries, then write ``fingerprint.json`` and
     ``config.yaml``. Yields the folder's status (``new``, ``same``, ``adopt``)."""
-    directory = Path(directory)
+    directory, registry = Path(directory), _or_installed(registry)
     if not is_main_process():  # rank 0 owns the folder; the others refuse what it refuses
         yield "same" if restart else check_run_folder(directory, config, registry, hint)
         return
