@@ -142,7 +142,7 @@ def evaluate_pipeline(name: str, pipe: RoutedPipeline, prompts: EvalPrompts, cfg
     ``images`` / ``expert_ids`` of the first sampling seed (for grids)."""
     import numpy as np
 
-    from aptp.metrics.harness import evaluate
+    from aptp.metrics.suite import evaluate
 
     for k in range(pipe.router.num_experts):  # load every expert before generating
         pipe.expert(k)
@@ -274,7 +274,7 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
     dense, always evaluated again, reproduces its previous per-prompt rows exactly; otherwise every
     cell is evaluated. Latency is always measured again, for every model (see :func:`_reusable`)."""
     from aptp.core.rundir import code_revision
-    from aptp.metrics.harness import build_metrics
+    from aptp.metrics.suite import build_metrics
     from aptp.reporting import write_report
 
     from aptp.core.config import check_name

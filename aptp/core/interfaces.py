@@ -241,7 +241,7 @@ class Granularity(Component, abc.ABC):
         (the layer the gate multiplies into) and how many contiguous channels each unit owns.
 
         Optional; it lets an external dependency-graph pruner (torch-pruning, see
-        :mod:`aptp.pruners.depgraph`) cut this granularity. Units that are not channels (depth) do
+        :mod:`aptp.pruners.torch_pruning_cut`) cut this granularity. Units that are not channels (depth) do
         not define it."""
         raise NotImplementedError(f"granularity {type(self).__name__} is not a channel granularity")
 

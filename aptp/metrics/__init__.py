@@ -7,7 +7,7 @@ a helper that computes several metrics on one image set.
 """
 
 from aptp.metrics.frechet import feature_statistics, frechet_distance, frechet_distance_features
-from aptp.metrics.harness import build_metrics, evaluate, metric_name
+from aptp.metrics.suite import build_metrics, evaluate, metric_name
 from aptp.metrics.mmd import mmd
 
 __all__ = [

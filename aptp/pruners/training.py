@@ -225,11 +225,11 @@ class TrainContext:
     def cut(self, arch: torch.Tensor, backend: str = "aptp") -> torch.nn.Module:
         """The expert of ``arch`` (U,) cut from the dense weights (without this context's hooks) by
         ``backend``: ``aptp`` (the granularities' own cuts) or ``torch_pruning`` (its dependency
-        graph; channel units only, the same expert: :mod:`aptp.pruners.depgraph`)."""
+        graph; channel units only, the same expert: :mod:`aptp.pruners.torch_pruning_cut`)."""
         check_cut_backend(backend)
         with self.without_feature_hooks():  # a deepcopy would carry the recorder's hooks into the expert
             if backend == "torch_pruning":
-                from aptp.pruners.depgraph import cut_with_torch_pruning
+                from aptp.pruners.torch_pruning_cut import cut_with_torch_pruning
 
                 return cut_with_torch_pruning(self.denoiser, self.unit_space, self.granularities, arch,
                                               self.example_inputs(), lambda m, a: self.backbone.denoise(m, *a))

@@ -14,7 +14,7 @@ import torch
 from aptp.core.build import build
 from aptp.core.config import load_experiment
 from aptp.harness import EvalConfig, deterministic_modules, eval_prompts, evaluate_pipeline, paired_summary
-from aptp.metrics.harness import build_metrics
+from aptp.metrics.suite import build_metrics
 from aptp.pipeline import RoutedPipeline, prompt_noise
 from aptp.routers.single import SingleRouter
 from aptp.stats import bootstrap_mean, paired_difference, verdict

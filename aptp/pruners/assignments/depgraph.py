@@ -77,7 +77,7 @@ def unit_scores(space: UnitSpace, granularities: Sequence[Granularity], denoiser
                 criterion) -> torch.Tensor:
     """(U,) torch-pruning ``criterion`` of every unit of ``space`` over ``graph`` (the dependency
     graph of ``denoiser``); +inf where a group has no channels (kept by the budget selection)."""
-    from aptp.pruners.depgraph import unit_group_dependencies
+    from aptp.pruners.torch_pruning_cut import unit_group_dependencies
 
     kinds = {g.kind: g for g in granularities}
     scores = torch.full((space.size,), float("inf"), dtype=torch.float64)
@@ -118,7 +118,7 @@ class DepGraphImportanceAssignment(Assignment):
     config_class = DepGraphImportanceConfig
 
     def architectures(self, context: AssignmentContext) -> torch.Tensor:
-        from aptp.pruners.depgraph import dependency_graph
+        from aptp.pruners.torch_pruning_cut import dependency_graph
 
         ctx = context.train_context
         if ctx is None:

@@ -9,7 +9,7 @@ from granularity_helpers import make_granularities, random_arch
 
 from aptp.core.errors import ConfigError, ShapeError
 from aptp.core.resources import count_params
-from aptp.pruners.depgraph import cut_with_torch_pruning
+from aptp.pruners.torch_pruning_cut import cut_with_torch_pruning
 from aptp.pruners.gating import Gates, build_unit_space, cut_model
 
 WIDTH = ["resnet_channels", "attention_heads", "ffn"]
@@ -117,7 +117,7 @@ def test_torch_pruning_group_magnitude_is_the_granularities_unit_magnitude(tiny_
     import torch_pruning as tp
 
     from aptp.pruners.assignments.depgraph import unit_scores
-    from aptp.pruners.depgraph import dependency_graph
+    from aptp.pruners.torch_pruning_cut import dependency_graph
 
     space, grans = width_space
     x, t, text = (a[:1] for a in tiny_inputs)
