@@ -62,6 +62,12 @@ def app_handle():
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False)
     port = _free_port()
+    # Ray Serve waits a fixed 60 s for its HTTP proxy actor to start; on a loaded 2-core CI machine
+    # starting that process can take longer (seen: ActorDiedError at setup), so wait up to 10 minutes
+    import ray.serve._private.api as serve_api
+
+    if hasattr(serve_api, "HTTP_PROXY_TIMEOUT"):
+        serve_api.HTTP_PROXY_TIMEOUT = 600
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     handle = serve.run(routed_app(tiny_pipeline, max_batch=4, max_wait_s=0.05, num_inference_steps=STEPS),
                        name="aptp", route_prefix="/aptp")
