@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-evaluations", action="store_true",
                    help="reuse a cell's evaluation (quality figures and per-prompt rows) from the output folder's "
                    "previous results.json and per_prompt.jsonl instead of generating its images again, when the eval "
-                   "config is the same apart from the latency settings, the cell's summary is unchanged (not "
+                   "config is the same apart from the latency and reporting settings (pairs, reference, intervals, budget), the cell's summary is unchanged (not "
                    "retrained), and dense, always evaluated again, reproduces its previous per-prompt rows exactly "
                    "(else every cell is evaluated again). Latency is always measured again for every model; reused "
                    "cells get no image grids and are listed in results.json ('reused') and report.md")

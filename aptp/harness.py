@@ -270,7 +270,7 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
 
     With ``reuse_evaluations`` a cell's previous evaluation in ``out_dir`` (its row and per-prompt
     rows) is reused instead of generated again when the previous ``results.json`` has the same eval
-    config (latency settings aside), the cell's summary is the same as then (not retrained), and
+    config (latency and reporting settings aside), the cell's summary is the same as then (not retrained), and
     dense, always evaluated again, reproduces its previous per-prompt rows exactly; otherwise every
     cell is evaluated. Latency is always measured again, for every model (see :func:`_reusable`)."""
     from aptp.core.rundir import code_revision
@@ -346,6 +346,8 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
 
 
 LATENCY_EVAL_FIELDS = ("latency_batch_sizes", "latency_rounds", "latency_repeats", "latency_threads")
+#: eval settings that change only how results are reported, never an image or a per-prompt score
+REPORT_EVAL_FIELDS = ("reference", "pairs", "bootstrap", "confidence", "budget", "grid_per_expert", "note")
 LATENCY_ROW_PREFIXES = ("step_ms_b", "routed_ms_b", "latency_vs_reference_b")
 
 
@@ -369,9 +371,10 @@ def _previous_evaluation(out_dir: Path) -> dict[str, Any] | None:
 
 def _reusable(previous: Mapping[str, Any], cfg: EvalConfig, dense_rows: Sequence[Mapping[str, Any]]) -> bool:
     """Whether the previous evaluation may be reused at all: the same eval config except for the
-    latency settings, and dense (evaluated again) reproducing its previous per-prompt rows exactly."""
+    latency and reporting settings (REPORT_EVAL_FIELDS: pairs, intervals, budget flag, ...), and dense
+    (evaluated again) reproducing its previous per-prompt rows exactly."""
     def protocol(eval_cfg: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in eval_cfg.items() if k not in LATENCY_EVAL_FIELDS}
+        return {k: v for k, v in eval_cfg.items() if k not in LATENCY_EVAL_FIELDS + REPORT_EVAL_FIELDS}
 
     before, now = protocol(previous.get("eval") or {}), protocol(asdict(cfg))
     if _json_normal(before) != _json_normal(now):

@@ -106,10 +106,11 @@ def test_a_changed_eval_field_reuses_nothing(first_run, tmp_path, monkeypatch):
     assert _read(out)[0]["reused"] == []
 
 
-def test_a_changed_latency_setting_still_reuses(first_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("change", [{"latency_rounds": 2}, {"pairs": ["a:dense"], "confidence": 0.9}])
+def test_a_changed_latency_or_reporting_setting_still_reuses(first_run, tmp_path, monkeypatch, change):
     out = _copy(first_run, tmp_path)
     calls, _ = _spy(monkeypatch)
-    compare("smoke", {"a": CELL}, _cfg(latency_rounds=2), out, progress=False, reuse_evaluations=True)
+    compare("smoke", {"a": CELL}, _cfg(**change), out, progress=False, reuse_evaluations=True)
     assert calls == Counter({"dense": 1})
     assert _read(out)[0]["reused"] == ["a"]
 
