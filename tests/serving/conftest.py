@@ -45,3 +45,29 @@ def random_arch(size: int, seed: int, p_drop: float) -> torch.Tensor:
     """(U,) 0/1 architecture dropping each unit with probability ``p_drop``."""
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(size, generator=g) >= p_drop).to(torch.float32)
+
+
+def burst(server, request, clients: int = 3, per_client: int = 6) -> dict[int, object]:
+    """``clients`` threads each submit ``per_client`` requests at once (``request(offset + i)`` ->
+    (prompt, generator)) and wait for them; returns every result by request id, failing on a
+    duplicate (each request must come back exactly once)."""
+    import threading
+
+    results: dict[int, object] = {}
+    lock = threading.Lock()
+
+    def client(offset: int) -> None:
+        futures = {offset + i: server.submit(*request(offset + i)) for i in range(per_client)}
+        for i, f in futures.items():
+            res = f.result(timeout=300)  # a bound against a hang, not a timing check
+            with lock:
+                assert i not in results
+                results[i] = res
+
+    threads = [threading.Thread(target=client, args=(100 * j,)) for j in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == sorted(100 * j + i for j in range(clients) for i in range(per_client))
+    return results

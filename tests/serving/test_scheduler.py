@@ -4,11 +4,10 @@ is checked on a hand-driven clock."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
-from conftest import random_arch
+from conftest import burst, random_arch
 
 from aptp.backbones.unet import UNetBackbone, UNetBackboneConfig
 from aptp.pipeline import RoutedPipeline
@@ -82,24 +81,8 @@ def test_groups_respect_max_batch_and_flush_after_max_wait(pipe):
 
 
 def test_a_burst_from_several_threads_returns_every_request_exactly_once(pipe):
-    results: dict[int, object] = {}
-    lock = threading.Lock()
     with ExpertScheduler(pipe, max_batch=4, max_wait_s=0.01, num_inference_steps=STEPS) as server:
-        def client(offset: int) -> None:
-            futures = {offset + i: server.submit(PROMPTS[(offset + i) % len(PROMPTS)],
-                                                 generator=torch.Generator().manual_seed(offset + i))
-                       for i in range(6)}
-            for i, f in futures.items():
-                res = f.result(timeout=300)  # a bound against a hang, not a timing check
-                with lock:
-                    assert i not in results
-                    results[i] = res
-        threads = [threading.Thread(target=client, args=(100 * j,)) for j in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert sorted(results) == sorted(100 * j + i for j in range(3) for i in range(6))
+        results = burst(server, lambda r: (PROMPTS[r % len(PROMPTS)], torch.Generator().manual_seed(r)))
     assert sum(size for _, size in server.stats.groups) == 18
     assert all(size <= 4 for _, size in server.stats.groups)
     i = 101  # one of them, checked against generating it alone

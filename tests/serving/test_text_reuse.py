@@ -5,10 +5,10 @@ variant routes and generates exactly as the pipeline does."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
+from conftest import burst
 
 from aptp.backbones.unet import UNetBackbone, UNetBackboneConfig
 from aptp.pipeline import RoutedPipeline
@@ -121,23 +121,8 @@ def test_text_cache_reuses_repeated_prompts_and_stays_bounded(minilm_pipe):
 
 
 def test_a_burst_with_repeated_prompts_returns_every_request_exactly_once(minilm_pipe):
-    results: dict[int, object] = {}
-    lock = threading.Lock()
     with ExpertScheduler(minilm_pipe, max_batch=4, max_wait_s=0.01, num_inference_steps=STEPS, text_cache=8) as server:
-        def client(offset: int) -> None:
-            futures = {offset + i: server.submit(PROMPTS[i % 3], generator=torch.Generator().manual_seed(i))
-                       for i in range(6)}
-            for i, f in futures.items():
-                res = f.result(timeout=300)  # a bound against a hang, not a timing check
-                with lock:
-                    assert i not in results
-                    results[i] = res
-        threads = [threading.Thread(target=client, args=(100 * j,)) for j in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert sorted(results) == sorted(100 * j + i for j in range(3) for i in range(6))
+        results = burst(server, lambda r: (PROMPTS[r % 100 % 3], torch.Generator().manual_seed(r % 100)))
     assert sum(size for _, size in server.stats.groups) == 18 and all(size <= 4 for _, size in server.stats.groups)
     for j in (1, 2):  # the same prompt and seed from another client: the same image (up to the batch's rounding)
         assert torch.allclose(results[100 * j + 4].image, results[4].image, atol=1e-5)
