@@ -270,3 +270,26 @@ def check_granularity_exactness(backbone: Any, granularities: Sequence[Any], *, 
                                      f"predicts {want}; fix params_per_unit of the granularity")
     return ExactnessReport(space.size, space.kinds(), worst, scale, dense_gate_diff, params,
                            [float(space.macs_ratio(a)) for a in archs])
+
+
+def imported_modules(source: str) -> list[tuple[int, str]]:
+    """``(line, dotted name)`` of everything ``source`` imports, read with :mod:`ast` (nothing is
+    imported): ``import x.y``, ``from x import y`` (both ``x`` and ``x.y``, absolute imports only),
+    and ``importlib.import_module("x")`` / ``__import__("x")`` with a literal name, at top level or in
+    a function. For layout tests: "this room imports no model library / no private aptp module"."""
+    import ast
+
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")):
+            names = [node.args[0].value]
+        else:
+            continue
+        found += [(node.lineno, n) for n in names]
+    return found

@@ -6,10 +6,11 @@ The check reads the source with :mod:`ast` (nothing is imported)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+
+from aptp.testing import imported_modules
 
 CORE = Path(__file__).resolve().parents[2] / "aptp" / "core"
 SOURCES = sorted(CORE.rglob("*.py"))
@@ -19,20 +20,7 @@ MODEL_LIBRARIES = ("diffusers", "transformers")
 def model_library_imports(source: str) -> list[str]:
     """``line: module`` for every import of a model library in ``source`` (top level or in a function,
     ``import x``, ``from x import y``, ``importlib.import_module('x')``, ``__import__('x')``)."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)
-              and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")):
-            names = [node.args[0].value]
-        else:
-            continue
-        found += [f"{node.lineno}: {n}" for n in names if n.split(".")[0] in MODEL_LIBRARIES]
-    return found
+    return [f"{line}: {n}" for line, n in imported_modules(source) if n.split(".")[0] in MODEL_LIBRARIES]
 
 
 def test_there_are_core_sources():

@@ -5,10 +5,11 @@ The check reads the source with :mod:`ast` (nothing is imported)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+
+from aptp.testing import imported_modules
 
 APTP = Path(__file__).resolve().parents[2] / "aptp"
 ROOMS = {"routers": "aptp.backbones", "backbones": "aptp.routers"}  # room -> what it may not import
@@ -16,16 +17,7 @@ ROOMS = {"routers": "aptp.backbones", "backbones": "aptp.routers"}  # room -> wh
 
 def imports_of(source: str, banned: str) -> list[str]:
     """``line: module`` for every import of ``banned`` (or a submodule) in ``source``."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        else:
-            continue
-        found += [f"{node.lineno}: {n}" for n in names if n == banned or n.startswith(banned + ".")]
-    return found
+    return [f"{line}: {n}" for line, n in imported_modules(source) if n == banned or n.startswith(banned + ".")]
 
 
 @pytest.mark.parametrize("room,banned", ROOMS.items())

@@ -9,10 +9,11 @@ toolkit :mod:`aptp.pruners.granularities.toolkit`.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+
+from aptp.testing import imported_modules
 
 PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 SOURCES = sorted(p for p in PLUGINS.glob("*/**/*.py") if ".egg-info" not in str(p))
@@ -26,20 +27,7 @@ def _private(dotted: str) -> bool:
 
 def private_aptp_imports(source: str) -> list[str]:
     """``line: what`` for every import of a private aptp module or name in ``source``."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)
-              and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")):
-            names = [node.args[0].value]  # importlib.import_module("aptp._x")
-        else:
-            continue
-        found += [f"{node.lineno}: {n}" for n in names if _private(n)]
-    return found
+    return [f"{line}: {n}" for line, n in imported_modules(source) if _private(n)]
 
 
 def test_there_are_plugin_sources():
