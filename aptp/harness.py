@@ -270,7 +270,7 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
 
     With ``reuse_evaluations`` a cell's previous evaluation in ``out_dir`` (its row and per-prompt
     rows) is reused instead of generated again when the previous ``results.json`` has the same eval
-    config (latency and reporting settings aside), the cell's summary is the same as then (not retrained), and
+    config (latency and reporting settings aside), the cell's summary and fingerprint file are the same as then (not retrained), and
     dense, always evaluated again, reproduces its previous per-prompt rows exactly; otherwise every
     cell is evaluated. Latency is always measured again, for every model (see :func:`_reusable`)."""
     from aptp.core.rundir import code_revision
@@ -310,13 +310,15 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
     if previous is not None and not _reusable(previous, cfg, results["dense"]["per_prompt"]):
         previous = None
     reused_from: dict[str, Any] = {}
+    fingerprints = {run.name: _fingerprint_digest(run) for run in runs.values()}
     for (name, s), run in tqdm(list(runs.items()), desc="evaluation", disable=not progress):
         same_backbone = _backbone_section(run) == _backbone_section(first)
         pipe = RoutedPipeline.from_run(run, modules=modules if same_backbone else None)
         if not same_backbone:
             pipe.modules = deterministic_modules(pipe.modules, cfg.sampler)
         key = name if s is None else f"{name}-seed{s}"
-        old = _previous_cell(previous, key, name, s, summaries[run.name], prompts, cfg) if previous else None
+        old = (_previous_cell(previous, key, name, s, summaries[run.name], fingerprints[run.name], prompts, cfg)
+               if previous else None)
         if old is not None:
             results[key] = {**old, "pipe": pipe}
             # where a reused evaluation was reused before, it dates from that earlier revision
@@ -333,6 +335,7 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
     (out_dir / "results.json").write_text(json.dumps({"eval": asdict(cfg), "seeds": list(seeds), "rows": rows,
                                                       "intervals": stats, "summaries": summaries,
                                                       "grid": dict(grid or {}), "code_revision": code_revision(),
+                                                      "cell_fingerprints": fingerprints,
                                                       "reused": list(reused_from), "reused_from": reused_from},
                                                      indent=1, default=str) + "\n")
     report = write_report(out_dir, results, prompts, cfg, summaries, stats,
@@ -391,12 +394,28 @@ def _reusable(previous: Mapping[str, Any], cfg: EvalConfig, dense_rows: Sequence
     return True
 
 
+def _fingerprint_digest(run: Path) -> str | None:
+    """sha256 of a cell folder's fingerprint file (its config and code revision as trained), or None."""
+    import hashlib
+
+    from aptp.core.rundir import FINGERPRINT_FILE
+
+    path = run / FINGERPRINT_FILE
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def _previous_cell(previous: Mapping[str, Any], key: str, name: str, train_seed: int | None,
-                   summary: Any, prompts: EvalPrompts, cfg: EvalConfig) -> dict[str, Any] | None:
+                   summary: Any, fingerprint: str | None, prompts: EvalPrompts,
+                   cfg: EvalConfig) -> dict[str, Any] | None:
     """Cell ``key``'s previous evaluation (``row`` without latency, ``per_prompt``, ``expert_ids``
     of the first sampling seed, ``images`` None) where its summary is the same as then (it was not
-    trained again) and its previous rows cover every prompt and sampling seed; else None."""
+    trained again), so is its fingerprint file (not retrained from another config whose summary
+    happens to match; results written before fingerprints were recorded are checked by summary only)
+    and its previous rows cover every prompt and sampling seed; else None."""
     if _json_normal(summary) != _json_normal((previous.get("summaries") or {}).get(key)):
+        return None
+    recorded = previous.get("cell_fingerprints")
+    if recorded is not None and recorded.get(key) != fingerprint:
         return None
     rows = [r for r in previous["rows"] if r.get("model") == name and r.get("train_seed") == train_seed]
     per_prompt = [r for r in previous["per_prompt"] if r.get("model") == name and r.get("train_seed") == train_seed]

@@ -140,6 +140,18 @@ def test_a_retrained_cell_is_not_reused(first_run, tmp_path, monkeypatch):
     assert _read(out)[0]["reused"] == []
 
 
+def test_a_cell_retrained_from_another_config_is_not_reused(first_run, tmp_path, monkeypatch):
+    out = _copy(first_run, tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    assert results["cell_fingerprints"]["a"]  # recorded for every cell
+    results["cell_fingerprints"]["a"] = "0" * 64  # as if the folder held another config's run then
+    (out / "results.json").write_text(json.dumps(results))
+    calls, _ = _spy(monkeypatch)
+    compare("smoke", {"a": CELL}, _cfg(), out, progress=False, reuse_evaluations=True)
+    assert calls == Counter({"dense": 1, "a": 1})
+    assert _read(out)[0]["reused"] == []
+
+
 def test_the_cli_flag_reaches_compare(first_run, tmp_path, monkeypatch, capsys):
     from aptp.cli import main
 
