@@ -270,8 +270,9 @@ def compare(base: str | Path, cells: Mapping[str, Sequence[str]], cfg: EvalConfi
 
     With ``reuse_evaluations`` a cell's previous evaluation in ``out_dir`` (its row and per-prompt
     rows) is reused instead of generated again when the previous ``results.json`` has the same eval
-    config (latency and reporting settings aside), the cell's summary and fingerprint file are the same as then (not retrained), and
-    dense, always evaluated again, reproduces its previous per-prompt rows exactly; otherwise every
+    config (latency and reporting settings aside), the cell's summary and fingerprint file are the
+    same as then (not retrained), and dense, always evaluated again, reproduces its previous
+    per-prompt rows exactly; otherwise every
     cell is evaluated. Latency is always measured again, for every model (see :func:`_reusable`)."""
     from aptp.core.rundir import code_revision
     from aptp.metrics.suite import build_metrics
